@@ -1,0 +1,500 @@
+"""The engine: all policy between a broker adapter and the user's handler.
+
+States: ``asleep`` ⇄ ``awake`` → ``draining`` → ``stopped``. A collector built in a library starts
+asleep (as the Go Stalk's does); ``wake()`` starts intake. ``run()`` and the CLI wake it at once.
+Every public control (``wake``, ``sleep``, ``scale``, ``stop``) is idempotent and may be called
+from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from stalk.backoff import PollBackoff
+from stalk.collectors.base import Adapter, PollingAdapter, PushAdapter
+from stalk.errors import ConfigError
+from stalk.execution import AsyncExecutor, Executor, ThreadExecutor
+from stalk.handler import prepare, resolve_exceptions
+from stalk.message import ATTR_FIRST_FAILURE_AT, Failure, Message
+from stalk.metrics import CollectorStats
+from stalk.options import CollectorOptions
+from stalk.policy import Ack, Drop, RetryLater, RetryPolicy, RouteToError, decide
+from stalk.result import Result
+
+logger = logging.getLogger(__name__)
+
+State = Literal["asleep", "awake", "draining", "stopped"]
+
+#: Longest pause of the housekeeping tick (heartbeats and the thread watchdog).
+MAX_TICK_S = 1.0
+
+
+class BaseCollector:
+    """Run ``handler`` over every message of ``adapter``'s source.
+
+    Args:
+        adapter: a :class:`PollingAdapter` or :class:`PushAdapter`.
+        handler: ``(body) -> Result | None`` or ``(body, message) -> Result | None``, sync or async.
+        options: engine options; ``source``/``error_topic`` there override the adapter's.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        handler: Callable[..., Any],
+        options: CollectorOptions | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.options = options or CollectorOptions()
+        self.handler = prepare(handler)
+        self.stats = CollectorStats()
+        self._fatal_types = resolve_exceptions(self.options.fatal_exceptions)
+        self._policy = RetryPolicy(
+            self.options.max_retries,
+            self.options.retry_interval_s,
+            self.options.max_retry_delay_s,
+            self.options.unflagged_error,
+        )
+        self.state: State = "asleep"
+        self.concurrency = self.options.concurrency
+        self.healthy = False
+        self.health_reason = "not started"
+        self._want_awake = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: Executor | None = None
+        #: message -> monotonic time of its last lease extension (or receipt).
+        self._inflight: dict[Message, float] = {}
+        self._pending_acks: list[Message] = []
+        self._ack_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._retry_due_at = 0.0
+        self._until_empty = False
+        self._last_intake = time.monotonic()
+        self.stop_now = False
+
+    # ----------------------------------------------------------------- public controls
+    @property
+    def in_flight(self) -> int:
+        """Messages received and not yet settled."""
+        return len(self._inflight)
+
+    def wake(self) -> None:
+        """Start (or resume) taking messages. Idempotent; safe from any thread."""
+        self._want_awake = True
+        self._call(self._apply_wake)
+
+    def sleep(self) -> None:
+        """Stop taking messages; in-flight ones finish and settle. Idempotent; any thread."""
+        self._want_awake = False
+        self._call(self._apply_sleep)
+
+    def scale(self, concurrency: int) -> None:
+        """Change how many handlers run at once, live. Any thread.
+
+        Raises:
+            ConfigError: ``concurrency`` below 1.
+        """
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        self.concurrency = concurrency
+        self._call(self._apply_scale)
+
+    def stop(self, grace_s: float | None = None) -> asyncio.Future[None] | concurrent.futures.Future[None]:
+        """Drain and stop: no new intake, in-flight finish within ``grace_s``, the rest released.
+
+        Returns a future you may await (on the loop) or ``.result()`` (from another thread).
+        """
+        grace = self.options.shutdown_grace_s if grace_s is None else grace_s
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            done.set_result(None)
+            self.state = "stopped"
+            return done
+        if _on_loop(loop):
+            return asyncio.ensure_future(self._shutdown(grace))
+        return asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
+
+    def run(self, *, until_empty: bool = False) -> None:
+        """Run until stopped (SIGINT/SIGTERM or ``stop()``); blocking, for scripts."""
+        asyncio.run(self.serve(until_empty=until_empty, install_signals=True))
+
+    async def serve(self, *, until_empty: bool = False, install_signals: bool = False) -> None:
+        """Start, wake and run until stopped; with ``until_empty``, stop once the source is drained."""
+        self._until_empty = until_empty
+        await self.start()
+        if install_signals and threading.current_thread() is threading.main_thread():
+            self._install_signals()
+        self.wake()
+        await self.wait_stopped()
+
+    async def start(self) -> None:
+        """Open the adapter and start the workers; intake begins on ``wake()``.
+
+        Raises:
+            ConfigError, BackendError: from the adapter, before anything was consumed.
+        """
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._awake = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        opts = self.options
+        self.adapter.bind(opts.source, opts.error_topic, opts.visibility_timeout_s)
+        await self.adapter.open()
+        self.healthy, self.health_reason = True, "ok"
+        executor_cls = AsyncExecutor if self.handler.is_async else ThreadExecutor
+        self._executor = executor_cls(
+            self.handler, self._on_done, self.concurrency, opts.handler_timeout_s, self._fatal_types
+        )
+        self._executor.start()
+        self._spawn(self._housekeeping(), "stalk-housekeeping")
+        if isinstance(self.adapter, PushAdapter):
+            await self.adapter.start(self._accept_one, self.concurrency)
+            if not self._want_awake:
+                await self.adapter.pause()
+            if self._until_empty:
+                self._spawn(self._watch_push_idle(), "stalk-until-empty")
+        else:
+            self._spawn(self._poll_loop(), "stalk-poll")
+        if self._want_awake:
+            self._apply_wake()
+        logger.info(
+            "collector ready on %s (concurrency %d, %s handler %s)",
+            self.adapter.describe(),
+            self.concurrency,
+            "async" if self.handler.is_async else "sync",
+            self.handler.name,
+        )
+
+    async def wait_stopped(self) -> None:
+        """Return once the collector has stopped."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> BaseCollector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----------------------------------------------------------------- state changes (loop)
+    def _call(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return  # applied by start()
+        if _on_loop(loop):
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
+
+    def _apply_wake(self) -> None:
+        if self.state != "asleep":
+            return
+        self.state = "awake"
+        self._awake.set()
+        if isinstance(self.adapter, PushAdapter):
+            self._spawn(self.adapter.resume(), "stalk-resume")
+        logger.info("collector awake on %s", self.adapter.describe())
+
+    def _apply_sleep(self) -> None:
+        if self.state != "awake":
+            return
+        self.state = "asleep"
+        self._awake.clear()
+        if isinstance(self.adapter, PushAdapter):
+            self._spawn(self.adapter.pause(), "stalk-pause")
+        logger.info("collector asleep on %s", self.adapter.describe())
+
+    def _apply_scale(self) -> None:
+        if self._executor is None or self.state in ("draining", "stopped"):
+            return
+        self._executor.resize(self.concurrency)
+        self._slot_free.set()
+        if isinstance(self.adapter, PushAdapter):
+            self._spawn(self.adapter.set_max_in_flight(self.concurrency), "stalk-scale")
+        logger.info("concurrency now %d on %s", self.concurrency, self.adapter.describe())
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if self.state == "draining":
+            logger.warning("second %s: stopping now, releasing in-flight messages", sig.name)
+            self.stop(0)
+            return
+        logger.info("%s: draining (send again to stop at once)", sig.name)
+        self.stop()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("internal task %s failed", task.get_name(), exc_info=task.exception())
+
+    # ----------------------------------------------------------------- intake
+    async def _poll_loop(self) -> None:
+        adapter = self.adapter
+        assert isinstance(adapter, PollingAdapter)
+        opts = self.options
+        backoff = PollBackoff(opts.polling_period_s, opts.max_polling_period_s)
+        while True:
+            await self._awake.wait()
+            if self.state != "awake":
+                return
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
+            started = time.monotonic()
+            try:
+                messages = await adapter.get_messages(min(free, opts.batch_size), backoff.current_s)
+            except Exception as exc:  # broker down: back off, never crash-loop, never hang silently
+                self.stats.broker_errors += 1
+                self.healthy, self.health_reason = False, f"poll failed: {exc}"
+                wait = backoff.next()
+                logger.warning("poll of %s failed (%s); retrying in %.1fs", adapter.describe(), exc, wait)
+                await self._idle(wait)
+                continue
+            if not self.healthy:
+                logger.info("poll of %s works again", adapter.describe())
+            self.healthy, self.health_reason = True, "ok"
+            if messages:
+                backoff.reset()
+                if self.state == "draining":
+                    for message in messages:
+                        await self._release_quietly(message)
+                    return
+                self._accept(messages)
+                continue
+            if self._until_empty and await self._drained():
+                self._spawn(self._shutdown(opts.shutdown_grace_s), "stalk-stop")
+                return
+            await self._idle(backoff.next() - (time.monotonic() - started))
+
+    async def _idle(self, seconds: float) -> None:
+        if seconds > 0 and self.state == "awake":
+            try:
+                await asyncio.wait_for(self._stopped_or_sleep(), seconds)
+            except TimeoutError:
+                pass
+
+    async def _stopped_or_sleep(self) -> None:
+        while self.state == "awake":
+            self._slot_free.clear()
+            await self._slot_free.wait()
+
+    async def _drained(self) -> bool:
+        """True when nothing is in flight here, no retry of ours is pending, and the broker agrees."""
+        if self._inflight or time.monotonic() < self._retry_due_at:
+            return False
+        if not self.adapter.features.backlog:
+            return True
+        try:
+            backlog = await self.adapter.backlog()
+        except Exception:
+            return False
+        if backlog is None:
+            return True
+        return not (backlog.ready or backlog.delayed or backlog.in_flight)
+
+    async def _watch_push_idle(self) -> None:
+        quiet_s = max(self.options.max_polling_period_s, 0.5)
+        while self.state not in ("draining", "stopped"):
+            await asyncio.sleep(quiet_s / 4)
+            idle = time.monotonic() - self._last_intake >= quiet_s
+            if self.state == "awake" and idle and await self._drained():
+                await self._shutdown(self.options.shutdown_grace_s)
+                return
+
+    def _accept_one(self, message: Message) -> None:
+        if self.state in ("draining", "stopped"):
+            self._spawn(self._release_quietly(message), "stalk-release")
+            return
+        self._accept((message,))
+
+    def _accept(self, messages: Sequence[Message]) -> None:
+        assert self._executor is not None
+        now = time.monotonic()
+        self._last_intake = now
+        limit = self.options.max_message_bytes
+        self.stats.received += len(messages)
+        for message in messages:
+            self._inflight[message] = now
+            if len(message.body) > limit:
+                error = ValueError(f"body of {len(message.body)} bytes is over max_message_bytes={limit}")
+                self._spawn(self._route(message, RouteToError("too_large"), Result(error, fatal=True)), "stalk-route")
+            else:
+                self._executor.submit(message)
+
+    # ----------------------------------------------------------------- settling
+    def _on_done(self, message: Message, result: Result, seconds: float) -> None:
+        self.stats.handled += 1
+        self.stats.handler_seconds += seconds
+        action = decide(result, message.attempt, self._policy)
+        if type(action) is Ack:
+            self._queue_ack(message)
+        elif isinstance(action, Drop):
+            logger.warning(
+                "dropping message %s after error %r (unflagged_error=drop)", message.id, result.error,
+                extra={"message_id": message.id, "attempt": message.attempt},
+            )
+            self.stats.dropped += 1
+            self._queue_ack(message)
+        else:
+            self._spawn(self._route(message, action, result), "stalk-route")
+
+    def _queue_ack(self, message: Message) -> None:
+        self._pending_acks.append(message)
+        if self._ack_task is None:
+            self._ack_task = asyncio.get_running_loop().create_task(self._flush_acks())
+
+    async def _flush_acks(self) -> None:
+        try:
+            while self._pending_acks:
+                batch, self._pending_acks = self._pending_acks, []
+                try:
+                    await self.adapter.ack(batch)
+                    self.stats.acked += len(batch)
+                except Exception as exc:
+                    self.stats.failed_settles += len(batch)
+                    logger.error("ack of %d messages failed (%s); the broker will redeliver them", len(batch), exc)
+                for message in batch:
+                    self._finish(message)
+        finally:
+            self._ack_task = None
+
+    async def _route(self, message: Message, action: RetryLater | RouteToError, result: Result) -> None:
+        context = {"message_id": message.id, "attempt": message.attempt, "source": message.source}
+        try:
+            if isinstance(action, RetryLater):
+                message.attributes.setdefault(ATTR_FIRST_FAILURE_AT, f"{time.time():.6f}")
+                await self.adapter.retry_later(message, action.delay_s)
+                self.stats.retried += 1
+                self._retry_due_at = max(self._retry_due_at, time.monotonic() + action.delay_s)
+                logger.info("retry of %s in %.2fs: %s", message.id, action.delay_s, result.error, extra=context)
+                self._finish(message)
+                return
+            failure = Failure.build(message, action.reason, result.error)
+            await self.adapter.publish_error(message, failure)
+            self.stats.errored[action.reason] += 1
+            logger.warning("message %s to error topic (%s): %s", message.id, action.reason, failure.error, extra=context)
+        except Exception as exc:  # never ack what was not retried or routed
+            self.stats.failed_settles += 1
+            logger.error("could not %s message %s (%s); left to broker redelivery",
+                         "retry" if isinstance(action, RetryLater) else "route", message.id, exc, extra=context)
+            if not self.adapter.features.visibility_timeout:
+                await self._release_quietly(message)
+            self._finish(message)
+            return
+        self._queue_ack(message)
+
+    def _finish(self, message: Message) -> None:
+        if self._inflight.pop(message, None) is not None:
+            self._slot_free.set()
+
+    async def _release_quietly(self, message: Message) -> None:
+        try:
+            await self.adapter.release(message)
+            self.stats.released += 1
+        except Exception as exc:
+            logger.warning("release of %s failed (%s); it returns after its lease", message.id, exc)
+        self._finish(message)
+
+    # ----------------------------------------------------------------- heartbeat, watchdog
+    async def _housekeeping(self) -> None:
+        opts = self.options
+        tick = min(MAX_TICK_S, opts.visibility_timeout_s / 4)
+        if opts.handler_timeout_s is not None:
+            tick = min(tick, max(0.05, opts.handler_timeout_s / 4))
+        half = opts.visibility_timeout_s / 2
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self._executor is not None:
+                self._executor.expire(now)
+            for message, extended_at in list(self._inflight.items()):
+                if now - extended_at < half or message not in self._inflight:
+                    continue
+                self._inflight[message] = now
+                try:
+                    await self.adapter.extend(message, opts.visibility_timeout_s)
+                except Exception as exc:
+                    logger.warning("heartbeat for %s failed (%s)", message.id, exc)
+
+    # ----------------------------------------------------------------- shutdown
+    async def _shutdown(self, grace_s: float) -> None:
+        if self.state == "stopped":
+            return
+        if self.state == "draining":
+            self.stop_now = True
+            await self._stopped.wait()
+            return
+        self.stop_now = False
+        self.state = "draining"
+        self._awake.set()
+        self._slot_free.set()
+        assert self._executor is not None
+        if isinstance(self.adapter, PushAdapter):
+            try:
+                await self.adapter.pause()
+            except Exception as exc:
+                logger.warning("pause on shutdown failed: %s", exc)
+        for message in self._executor.take_unstarted():
+            await self._release_quietly(message)
+        deadline = time.monotonic() + grace_s
+        while self._inflight and time.monotonic() < deadline and not self.stop_now:
+            self._slot_free.clear()
+            try:
+                await asyncio.wait_for(self._slot_free.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                break
+        for message in list(self._executor.running):
+            if self._executor.abandon(message):
+                logger.warning("handler still running for %s at shutdown; releasing it", message.id)
+                await self._release_quietly(message)
+        for message in self._executor.take_unstarted():
+            await self._release_quietly(message)
+        await self._settle_pending(grace_s=max(1.0, grace_s))
+        await self._executor.shutdown()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        try:
+            await self.adapter.close()
+        except Exception as exc:
+            logger.warning("closing %s failed: %s", self.adapter.describe(), exc)
+        self.state = "stopped"
+        self.healthy, self.health_reason = False, "stopped"
+        self._stopped.set()
+        logger.info("collector stopped on %s: %s", self.adapter.describe(), self.stats.as_dict())
+
+    async def _settle_pending(self, grace_s: float) -> None:
+        """Let acks and routes already under way finish; release whatever still has no outcome."""
+        deadline = time.monotonic() + grace_s
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for message in list(self._inflight):
+            await self._release_quietly(message)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False

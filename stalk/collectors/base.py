@@ -1,0 +1,317 @@
+"""The seam between the engine and a broker: two small abstract bases.
+
+An adapter knows how to talk to one broker and nothing else: no retry counting, no backoff, no
+routing decisions. The engine (:class:`stalk.BaseCollector`) calls these methods from its asyncio
+loop. Adapters over blocking SDKs run their calls in a thread (``asyncio.to_thread``) so the loop
+never stalls.
+
+Every method below may raise :class:`stalk.errors.BackendError` (or a subclass) when the broker
+refuses or is unreachable; the engine logs it, backs off and tries again, and never acks a
+message whose retry or error publish raised.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stalk.errors import ConfigError
+from stalk.message import Failure, Message
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterFeatures:
+    """What a backend guarantees, so the conformance suite knows what to expect of it.
+
+    Attributes:
+        native_delay: the broker holds a retry until it is due (nothing kept in worker memory).
+        max_delay_s: longest single delay the broker takes; ``None`` = no limit.
+        delay_precision_s: how late a delayed message may arrive beyond its delay.
+        ordering: messages are delivered in publish order (per queue or group).
+        persistent: messages survive a broker restart.
+        native_attempts: the broker counts deliveries (else a header/attribute does).
+        visibility_timeout: an unacked message comes back by itself after a lease expires.
+        backlog: ``backlog()`` returns counts.
+    """
+
+    native_delay: bool = True
+    max_delay_s: float | None = None
+    delay_precision_s: float = 1.0
+    ordering: bool = False
+    persistent: bool = True
+    native_attempts: bool = False
+    visibility_timeout: bool = True
+    backlog: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """Counts a broker can tell about a source; ``None`` where it cannot.
+
+    Attributes:
+        ready: visible, waiting for a consumer.
+        delayed: waiting for their delay (retries and ``send --delay``).
+        in_flight: leased by some consumer, not yet acked.
+        errors: depth of the error topic.
+        oldest_age_s: age of the oldest message waiting.
+    """
+
+    ready: int | None = None
+    delayed: int | None = None
+    in_flight: int | None = None
+    errors: int | None = None
+    oldest_age_s: float | None = None
+
+    def as_dict(self) -> dict[str, int | float | None]:
+        """Return the counts for ``stalk stats --json``."""
+        return {
+            "ready": self.ready,
+            "delayed": self.delayed,
+            "in_flight": self.in_flight,
+            "errors": self.errors,
+            "oldest_age_s": self.oldest_age_s,
+        }
+
+
+class AdapterSettings(BaseSettings):
+    """Base of each adapter's settings; subclasses set ``env_prefix="STALK_<BACKEND>_"``.
+
+    Values come from ``--option KEY=VALUE`` first, then the environment, then defaults.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+
+def build_settings(
+    model: type[AdapterSettings], backend: str, options: Mapping[str, str]
+) -> AdapterSettings:
+    """Validate ``--option`` pairs (and environment variables) into an adapter's settings.
+
+    Raises:
+        ConfigError: one line naming the bad key or value and the accepted keys.
+    """
+    try:
+        return model(**dict(options))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "?"
+        accepted = ", ".join(sorted(model.model_fields)) or "none"
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"backend {backend!r} has no option {key!r}; accepted options: {accepted}"
+            ) from None
+        raise ConfigError(
+            f"backend {backend!r} option {key}={first.get('input')!r}: {first['msg']}"
+        ) from None
+
+
+class Adapter(abc.ABC):
+    """What both delivery styles share: lifecycle, settling messages and publishing.
+
+    Class attributes:
+        name: the ``--backend`` name.
+        features: what the broker guarantees (see :class:`AdapterFeatures`).
+        settings_model: the pydantic model of this backend's ``--option`` keys.
+    """
+
+    name: ClassVar[str] = "?"
+    features: ClassVar[AdapterFeatures] = AdapterFeatures()
+    settings_model: ClassVar[type[AdapterSettings]] = AdapterSettings
+
+    def __init__(self, source: str | None = None, *, error_topic: str | None = None) -> None:
+        self.source = source
+        self.error_topic = error_topic
+        #: Lease a received message gets; the engine sets it from its options in :meth:`bind`
+        #: and heartbeats before it lapses.
+        self.visibility_timeout_s = 30.0
+
+    @classmethod
+    def from_options(
+        cls, source: str | None, error_topic: str | None, options: Mapping[str, str]
+    ) -> Adapter:
+        """Build the adapter from CLI ``--option`` pairs; adapters with settings override this.
+
+        Raises:
+            ConfigError: an unknown key or bad value.
+        """
+        build_settings(cls.settings_model, cls.name, options)
+        return cls(source, error_topic=error_topic)
+
+    def bind(
+        self,
+        source: str | None,
+        error_topic: str | None,
+        visibility_timeout_s: float | None = None,
+    ) -> None:
+        """Take the source, error topic and lease length from the engine's options where given.
+
+        Raises:
+            ConfigError: no source at all.
+        """
+        if source is not None:
+            self.source = source
+        if error_topic is not None:
+            self.error_topic = error_topic
+        if visibility_timeout_s is not None:
+            self.visibility_timeout_s = visibility_timeout_s
+        if not self.source:
+            raise ConfigError(f"backend {self.name!r} needs a source: pass --source NAME")
+        if not self.error_topic:
+            self.error_topic = self.default_error_topic(self.source)
+
+    def default_error_topic(self, source: str) -> str:
+        """Name the error topic when none was given: ``<source>-errors``."""
+        return f"{source}-errors"
+
+    def describe(self) -> str:
+        """Return a short, credential-free description for logs and ``/status``."""
+        return f"{self.name}:{self.source}"
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, and check that the source exists.
+
+        Called once before any other method. May block on the network for the SDK's own connect
+        timeout.
+
+        Raises:
+            BackendUnavailable: the broker cannot be reached (say where and what to check).
+            QueueNotFound: the source does not exist (say how to create it).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections. Idempotent; must not raise for an adapter never opened."""
+
+    @abc.abstractmethod
+    async def ack(self, messages: Sequence[Message]) -> None:
+        """Delete handled messages, in one broker call where the broker allows a batch.
+
+        An ack the broker refuses (expired receipt, stale lease) is logged, not raised: the
+        message will be redelivered, which at-least-once allows. Raise only when the broker is
+        unreachable, so the engine can log and keep the message un-acked.
+        """
+
+    @abc.abstractmethod
+    async def retry_later(self, message: Message, delay_s: float) -> None:
+        """Make ``message`` deliverable again after ``delay_s`` seconds with ``attempt + 1``.
+
+        The delay must live in the broker (visibility change, TTL queue, delayed publish), not in
+        worker memory, so it survives a crash. When this returns, the engine must not ack: the
+        original is either the very message made invisible, or the adapter has acked it after a
+        confirmed republish. Delays over ``features.max_delay_s`` are the adapter's to chain or cap.
+
+        Raises:
+            BackendError: nothing was changed; the engine leaves the message to redelivery.
+        """
+
+    @abc.abstractmethod
+    async def publish_error(self, message: Message, failure: Failure) -> None:
+        """Publish ``message.body`` untouched to the error topic with ``failure`` as metadata.
+
+        Must return only once the broker has the copy (confirm, 200, commit). The engine acks
+        the original afterwards.
+
+        Raises:
+            BackendError: nothing was published; the engine does not ack.
+        """
+
+    async def extend(self, message: Message, seconds: float) -> None:  # noqa: B027
+        """Keep ``message`` leased for ``seconds`` more (heartbeat). No-op where leases don't expire."""
+
+    @abc.abstractmethod
+    async def release(self, message: Message) -> None:
+        """Give an unprocessed message back for immediate redelivery (shutdown, abandonment).
+
+        The attempt count must not go up for a message that was never handled where the broker
+        allows it. Idempotent.
+        """
+
+    @abc.abstractmethod
+    async def publish(
+        self,
+        body: bytes,
+        attributes: Mapping[str, str] | None = None,
+        delay_s: float = 0.0,
+    ) -> str:
+        """Publish a new message to the source (producer side: ``stalk send``, tests, redrive).
+
+        Returns:
+            the broker's message id.
+
+        Raises:
+            MessageTooLarge, QueueFull, BackendError.
+        """
+
+    async def backlog(self) -> Backlog | None:
+        """Return counts of the source where the broker can tell; ``None`` where it cannot."""
+        return None
+
+
+class PollingAdapter(Adapter):
+    """An adapter the engine asks for messages (SQS, SQLite, Pub/Sub pull)."""
+
+    @abc.abstractmethod
+    async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
+        """Lease up to ``max_messages`` visible messages.
+
+        Blocks at most ``wait_s`` seconds (long poll where the broker has one; returning at once
+        is fine too, the engine then sleeps the rest). Returns an empty list when none are
+        visible. Each message comes back leased for the visibility timeout, with ``attempt`` set.
+
+        Raises:
+            BackendUnavailable: the engine backs off and calls again; never a crash loop.
+        """
+
+
+#: The engine's delivery callback for push adapters; called on the engine's event loop.
+Deliver = Callable[[Message], None]
+
+
+class PushAdapter(Adapter):
+    """An adapter whose broker pushes messages (AMQP, NSQ, Pub/Sub streaming pull)."""
+
+    @abc.abstractmethod
+    async def start(self, deliver: Deliver, max_in_flight: int) -> None:
+        """Begin delivery: call ``deliver(message)`` on the engine's loop for each message.
+
+        The broker must not push more than ``max_in_flight`` unsettled messages (prefetch, RDY,
+        flow control). Returns once delivery is set up.
+        """
+
+    @abc.abstractmethod
+    async def pause(self) -> None:
+        """Stop new deliveries (sleep, drain); messages already delivered stay ackable."""
+
+    @abc.abstractmethod
+    async def resume(self) -> None:
+        """Start deliveries again after :meth:`pause`. Idempotent."""
+
+    @abc.abstractmethod
+    async def set_max_in_flight(self, n: int) -> None:
+        """Change the broker-side in-flight limit live (``scale(n)``)."""
+
+
+def attributes_of(raw: Mapping[str, Any] | None) -> dict[str, str]:
+    """Return a broker's metadata mapping as ``str -> str``, skipping what is not text-like.
+
+    Outside producers send headers of other types (ints, bytes, nested tables); a consumer must
+    not crash on them, as the Go Stalk did on a missing attribute.
+    """
+    if not raw:
+        return {}
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, bytes):
+            try:
+                out[str(key)] = value.decode()
+            except UnicodeDecodeError:
+                continue
+        elif isinstance(value, str | int | float | bool):
+            out[str(key)] = str(value)
+    return out

@@ -1,0 +1,108 @@
+"""The message a handler may see, and the failure record that goes with it to the error topic."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Attribute names stalk writes. Prefixed so they never collide with a producer's own.
+ATTR_PREFIX = "stalk-"
+ATTR_REASON = "stalk-reason"
+ATTR_ERROR = "stalk-error"
+ATTR_ERROR_TYPE = "stalk-error-type"
+ATTR_ATTEMPTS = "stalk-attempts"
+ATTR_SOURCE = "stalk-source"
+ATTR_ORIGINAL_ID = "stalk-original-id"
+ATTR_FIRST_FAILURE_AT = "stalk-first-failure-at"
+ATTR_LAST_FAILURE_AT = "stalk-last-failure-at"
+#: Attempt number carried by adapters whose broker does not count deliveries itself.
+ATTR_ATTEMPT = "stalk-attempt"
+
+#: Longest error text put into metadata; brokers limit attribute sizes (SQS: 256 KiB in all).
+MAX_ERROR_TEXT = 2000
+
+
+@dataclass(eq=False, slots=True)
+class Message:
+    """One delivery of a message.
+
+    Identity, not value, makes two messages equal: the engine tracks each delivery by object.
+
+    Attributes:
+        id: the broker's message id (stable across redeliveries where the broker allows).
+        body: the payload, untouched.
+        attributes: string metadata (SQS message attributes, AMQP headers, Pub/Sub attributes).
+        attempt: 1 on first delivery, 2 on the first retry, and so on.
+        enqueued_at: epoch seconds when the broker first accepted it, if known.
+        source: the queue or subscription it came from.
+        receipt: the adapter's own handle for ack/retry (receipt handle, delivery tag, lease).
+    """
+
+    id: str
+    body: bytes
+    attributes: dict[str, str] = field(default_factory=dict)
+    attempt: int = 1
+    enqueued_at: float | None = None
+    source: str = ""
+    receipt: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why a message is on the error topic; adapters write it as attributes or headers.
+
+    Attributes:
+        reason: ``fatal``, ``retries_exhausted``, ``error`` (unflagged), ``too_large``,
+            ``expired`` or an adapter's own word.
+        error: the error text (truncated to ``MAX_ERROR_TEXT``).
+        error_type: the exception class name, or ``str`` for a plain text.
+    """
+
+    reason: str
+    error: str
+    error_type: str
+    attempts: int
+    source: str
+    original_id: str
+    first_failure_at: float
+    last_failure_at: float
+
+    @classmethod
+    def build(cls, message: Message, reason: str, error: BaseException | str | None) -> Failure:
+        """Describe the failure of ``message`` now, keeping the first failure time it carries."""
+        now = time.time()
+        first = message.attributes.get(ATTR_FIRST_FAILURE_AT)
+        try:
+            first_at = float(first) if first is not None else now
+        except ValueError:
+            first_at = now
+        if error is None:
+            text, kind = "", "None"
+        elif isinstance(error, BaseException):
+            text, kind = str(error) or repr(error), type(error).__name__
+        else:
+            text, kind = str(error), "str"
+        return cls(
+            reason=reason,
+            error=text[:MAX_ERROR_TEXT],
+            error_type=kind,
+            attempts=message.attempt,
+            source=message.source,
+            original_id=message.id,
+            first_failure_at=first_at,
+            last_failure_at=now,
+        )
+
+    def to_attributes(self) -> dict[str, str]:
+        """Return the failure as string attributes, eight of them, all prefixed ``stalk-``."""
+        return {
+            ATTR_REASON: self.reason,
+            ATTR_ERROR: self.error,
+            ATTR_ERROR_TYPE: self.error_type,
+            ATTR_ATTEMPTS: str(self.attempts),
+            ATTR_SOURCE: self.source,
+            ATTR_ORIGINAL_ID: self.original_id,
+            ATTR_FIRST_FAILURE_AT: f"{self.first_failure_at:.6f}",
+            ATTR_LAST_FAILURE_AT: f"{self.last_failure_at:.6f}",
+        }
