@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Literal
 
 from stalk.backoff import PollBackoff
@@ -106,10 +107,11 @@ class BaseCollector:
         self.concurrency = concurrency
         self._call(self._apply_scale)
 
-    def stop(self, grace_s: float | None = None) -> asyncio.Future[None] | concurrent.futures.Future[None]:
+    def stop(self, grace_s: float | None = None) -> Stopping:
         """Drain and stop: no new intake, in-flight finish within ``grace_s``, the rest released.
 
-        Returns a future you may await (on the loop) or ``.result()`` (from another thread).
+        Returns a handle you may ``await`` (on the loop) or ``.result(timeout)`` (another thread);
+        ignoring it is fine too.
         """
         grace = self.options.shutdown_grace_s if grace_s is None else grace_s
         loop = self._loop
@@ -117,17 +119,17 @@ class BaseCollector:
             done: concurrent.futures.Future[None] = concurrent.futures.Future()
             done.set_result(None)
             self.state = "stopped"
-            return done
+            return Stopping(done)
         if _on_loop(loop):
-            return asyncio.ensure_future(self._shutdown(grace))
-        return asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
+            return Stopping(asyncio.ensure_future(self._shutdown(grace)))
+        return Stopping(asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop))
 
     def run(self, *, until_empty: bool = False) -> None:
         """Run until stopped (SIGINT/SIGTERM or ``stop()``); blocking, for scripts."""
         asyncio.run(self.serve(until_empty=until_empty, install_signals=True))
 
     async def serve(self, *, until_empty: bool = False, install_signals: bool = False) -> None:
-        """Start, wake and run until stopped; with ``until_empty``, stop once the source is drained."""
+        """Start, wake and run until stopped; ``until_empty`` stops once the source is drained."""
         self._until_empty = until_empty
         await self.start()
         if install_signals and threading.current_thread() is threading.main_thread():
@@ -268,7 +270,9 @@ class BaseCollector:
                 self.stats.broker_errors += 1
                 self.healthy, self.health_reason = False, f"poll failed: {exc}"
                 wait = backoff.next()
-                logger.warning("poll of %s failed (%s); retrying in %.1fs", adapter.describe(), exc, wait)
+                logger.warning(
+                    "poll of %s failed (%s); retrying in %.1fs", adapter.describe(), exc, wait
+                )
                 await self._idle(wait)
                 continue
             if not self.healthy:
@@ -276,7 +280,7 @@ class BaseCollector:
             self.healthy, self.health_reason = True, "ok"
             if messages:
                 backoff.reset()
-                if self.state == "draining":
+                if self._draining():
                     for message in messages:
                         await self._release_quietly(message)
                     return
@@ -289,10 +293,8 @@ class BaseCollector:
 
     async def _idle(self, seconds: float) -> None:
         if seconds > 0 and self.state == "awake":
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped_or_sleep(), seconds)
-            except TimeoutError:
-                pass
 
     async def _stopped_or_sleep(self) -> None:
         while self.state == "awake":
@@ -300,7 +302,7 @@ class BaseCollector:
             await self._slot_free.wait()
 
     async def _drained(self) -> bool:
-        """True when nothing is in flight here, no retry of ours is pending, and the broker agrees."""
+        """True when nothing is in flight, no retry of ours is pending, and the broker agrees."""
         if self._inflight or time.monotonic() < self._retry_due_at:
             return False
         if not self.adapter.features.backlog:
@@ -337,8 +339,13 @@ class BaseCollector:
         for message in messages:
             self._inflight[message] = now
             if len(message.body) > limit:
-                error = ValueError(f"body of {len(message.body)} bytes is over max_message_bytes={limit}")
-                self._spawn(self._route(message, RouteToError("too_large"), Result(error, fatal=True)), "stalk-route")
+                error = ValueError(
+                    f"body of {len(message.body)} bytes is over max_message_bytes={limit}"
+                )
+                self._spawn(
+                    self._route(message, RouteToError("too_large"), Result(error, fatal=True)),
+                    "stalk-route",
+                )
             else:
                 self._executor.submit(message)
 
@@ -347,11 +354,13 @@ class BaseCollector:
         self.stats.handled += 1
         self.stats.handler_seconds += seconds
         action = decide(result, message.attempt, self._policy)
-        if type(action) is Ack:
+        if isinstance(action, Ack):
             self._queue_ack(message)
         elif isinstance(action, Drop):
             logger.warning(
-                "dropping message %s after error %r (unflagged_error=drop)", message.id, result.error,
+                "dropping message %s after error %r (unflagged_error=drop)",
+                message.id,
+                result.error,
                 extra={"message_id": message.id, "attempt": message.attempt},
             )
             self.stats.dropped += 1
@@ -373,13 +382,19 @@ class BaseCollector:
                     self.stats.acked += len(batch)
                 except Exception as exc:
                     self.stats.failed_settles += len(batch)
-                    logger.error("ack of %d messages failed (%s); the broker will redeliver them", len(batch), exc)
+                    logger.error(
+                        "ack of %d messages failed (%s); the broker will redeliver them",
+                        len(batch),
+                        exc,
+                    )
                 for message in batch:
                     self._finish(message)
         finally:
             self._ack_task = None
 
-    async def _route(self, message: Message, action: RetryLater | RouteToError, result: Result) -> None:
+    async def _route(
+        self, message: Message, action: RetryLater | RouteToError, result: Result
+    ) -> None:
         context = {"message_id": message.id, "attempt": message.attempt, "source": message.source}
         try:
             if isinstance(action, RetryLater):
@@ -387,17 +402,34 @@ class BaseCollector:
                 await self.adapter.retry_later(message, action.delay_s)
                 self.stats.retried += 1
                 self._retry_due_at = max(self._retry_due_at, time.monotonic() + action.delay_s)
-                logger.info("retry of %s in %.2fs: %s", message.id, action.delay_s, result.error, extra=context)
+                logger.info(
+                    "retry of %s in %.2fs: %s",
+                    message.id,
+                    action.delay_s,
+                    result.error,
+                    extra=context,
+                )
                 self._finish(message)
                 return
             failure = Failure.build(message, action.reason, result.error)
             await self.adapter.publish_error(message, failure)
             self.stats.errored[action.reason] += 1
-            logger.warning("message %s to error topic (%s): %s", message.id, action.reason, failure.error, extra=context)
+            logger.warning(
+                "message %s to error topic (%s): %s",
+                message.id,
+                action.reason,
+                failure.error,
+                extra=context,
+            )
         except Exception as exc:  # never ack what was not retried or routed
             self.stats.failed_settles += 1
-            logger.error("could not %s message %s (%s); left to broker redelivery",
-                         "retry" if isinstance(action, RetryLater) else "route", message.id, exc, extra=context)
+            logger.error(
+                "could not %s message %s (%s); left to broker redelivery",
+                "retry" if isinstance(action, RetryLater) else "route",
+                message.id,
+                exc,
+                extra=context,
+            )
             if not self.adapter.features.visibility_timeout:
                 await self._release_quietly(message)
             self._finish(message)
@@ -438,6 +470,9 @@ class BaseCollector:
                     logger.warning("heartbeat for %s failed (%s)", message.id, exc)
 
     # ----------------------------------------------------------------- shutdown
+    def _draining(self) -> bool:
+        return self.state in ("draining", "stopped")
+
     async def _shutdown(self, grace_s: float) -> None:
         if self.state == "stopped":
             return
@@ -491,6 +526,30 @@ class BaseCollector:
             await asyncio.sleep(0.01)
         for message in list(self._inflight):
             await self._release_quietly(message)
+
+
+class Stopping:
+    """The handle ``stop()`` returns: awaitable on the loop, ``result()`` from other threads."""
+
+    def __init__(self, future: asyncio.Future[None] | concurrent.futures.Future[None]) -> None:
+        self.future = future
+
+    def __await__(self) -> Generator[Any, None, None]:
+        future = self.future
+        if isinstance(future, concurrent.futures.Future):
+            return asyncio.wrap_future(future).__await__()
+        return future.__await__()
+
+    def done(self) -> bool:
+        """True once the collector has stopped."""
+        return self.future.done()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Block until stopped (from a thread other than the collector's loop)."""
+        if isinstance(self.future, concurrent.futures.Future):
+            self.future.result(timeout)
+        else:
+            self.future.result()
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -52,9 +52,9 @@ class MessageTooLarge(BackendError):
     """A publish was refused because the body is over the size limit."""
 
 
-class Fatal(Exception):  # noqa: N818 - an outcome marker, named for what it means
+class Fatal(Exception):
     """Raise from a handler to send the message straight to the error topic, without retries."""
 
 
-class HandlerTimeout(Exception):  # noqa: N818 - carried inside a retry Result, not raised to users
+class HandlerTimeout(Exception):
     """The handler ran longer than ``handler_timeout_s``; the message is retried."""

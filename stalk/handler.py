@@ -1,4 +1,4 @@
-"""User handlers: their protocol, loading them by ``MODULE:FUNC``, and turning outcomes into Results."""
+"""User handlers: their protocol, loading by ``MODULE:FUNC``, and outcomes turned into Results."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from stalk.result import OK, Result
 class BodyHandler(Protocol):
     """``def handler(body: bytes) -> Result | None`` — the primary contract."""
 
-    def __call__(self, body: bytes, /) -> Result | None | Awaitable[Result | None]: ...
+    def __call__(self, body: bytes, /) -> Result | Awaitable[Result | None] | None: ...
 
 
 @runtime_checkable
@@ -27,7 +27,7 @@ class MessageHandler(Protocol):
 
     def __call__(
         self, body: bytes, message: Message, /
-    ) -> Result | None | Awaitable[Result | None]: ...
+    ) -> Result | Awaitable[Result | None] | None: ...
 
 
 Handler = BodyHandler | MessageHandler
@@ -151,8 +151,7 @@ def to_result(value: object, handler_name: str) -> Result:
         return value
     return Result(
         error=TypeError(
-            f"handler {handler_name} returned {type(value).__name__}; "
-            "expected stalk.Result or None"
+            f"handler {handler_name} returned {type(value).__name__}; expected stalk.Result or None"
         ),
         fatal=True,
     )

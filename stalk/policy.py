@@ -86,6 +86,4 @@ def decide(
         return RouteToError("retries_exhausted")
     if result.delay is not None:
         return RetryLater(result.delay)
-    return RetryLater(
-        full_jitter(policy.retry_interval_s, attempt, policy.max_retry_delay_s, rand)
-    )
+    return RetryLater(full_jitter(policy.retry_interval_s, attempt, policy.max_retry_delay_s, rand))

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 class Result:
     """What became of one message, as the handler sees it.
 
-    The fields are the Go Stalk's three (``error``, ``retry``, ``fatal``) plus ``delay``. Prefer the
-    constructors :func:`ok`, :func:`retry` and :func:`fatal`; the plain form is accepted so that code
-    ported from Stalk keeps working. ``fatal`` wins over ``retry`` when both are set, because the
-    handler has said the message can never succeed.
+    The fields are the Go Stalk's three (``error``, ``retry``, ``fatal``) plus ``delay``. Prefer
+    the constructors :func:`ok`, :func:`retry` and :func:`fatal`; the plain form is accepted so
+    that code ported from Stalk keeps working. ``fatal`` wins over ``retry`` when both are set,
+    because the handler has said the message can never succeed.
 
     Args:
         error: why the message failed (an exception or a text), or ``None``.

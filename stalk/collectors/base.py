@@ -37,6 +37,7 @@ class AdapterFeatures:
         native_attempts: the broker counts deliveries (else a header/attribute does).
         visibility_timeout: an unacked message comes back by itself after a lease expires.
         backlog: ``backlog()`` returns counts.
+        binary_body: any bytes survive the trip; False where the broker takes text only (SQS).
     """
 
     native_delay: bool = True
@@ -47,6 +48,7 @@ class AdapterFeatures:
     native_attempts: bool = False
     visibility_timeout: bool = True
     backlog: bool = False
+    binary_body: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +224,7 @@ class Adapter(abc.ABC):
         """
 
     async def extend(self, message: Message, seconds: float) -> None:  # noqa: B027
-        """Keep ``message`` leased for ``seconds`` more (heartbeat). No-op where leases don't expire."""
+        """Keep ``message`` leased ``seconds`` more (heartbeat); a no-op where leases never lapse."""
 
     @abc.abstractmethod
     async def release(self, message: Message) -> None:

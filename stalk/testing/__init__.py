@@ -1,0 +1,25 @@
+"""The conformance kit: the same semantic tests for every adapter, ours and third parties'.
+
+Subclass :class:`AdapterHarness` to say how to build your adapter, then let pytest collect the
+suite against it::
+
+    from stalk.testing import AdapterHarness, ConformanceSuite
+
+    class KafkaHarness(AdapterHarness):
+        def make_adapter(self, source, error_topic):
+            return KafkaAdapter(source, error_topic=error_topic, settings=...)
+
+    class TestKafkaConformance(ConformanceSuite):
+        @pytest.fixture
+        def harness(self):
+            return KafkaHarness()
+
+The ``features`` your adapter declares tell the suite what to expect (as Watermill's universal
+pub/sub tests do). Needs pytest, which the core install does not.
+"""
+
+from stalk.testing.brokers import require_broker
+from stalk.testing.conformance import ConformanceSuite
+from stalk.testing.harness import AdapterHarness, MemoryHarness, Recorder
+
+__all__ = ["AdapterHarness", "ConformanceSuite", "MemoryHarness", "Recorder", "require_broker"]

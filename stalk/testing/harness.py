@@ -1,0 +1,202 @@
+"""How the conformance suite builds, feeds and reads an adapter under test."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stalk.collector import BaseCollector
+from stalk.collectors.base import Adapter, AdapterFeatures
+from stalk.collectors.memory import MemoryAdapter, MemoryBroker
+from stalk.message import Message
+from stalk.options import CollectorOptions
+
+#: Engine options that keep the suite quick: short polls, short backoff, short grace.
+FAST_OPTIONS: dict[str, Any] = {
+    "polling_period_s": 0.02,
+    "max_polling_period_s": 0.25,
+    "retry_interval_s": 0.05,
+    "max_retry_delay_s": 0.2,
+    "shutdown_grace_s": 5.0,
+}
+
+
+class AdapterHarness:
+    """Build adapters for the suite; override :meth:`make_adapter`, the rest where needed."""
+
+    #: Seconds the suite waits for something that should happen (a delivery, an error copy).
+    patience_s: float = 30.0
+
+    def make_adapter(self, source: str, error_topic: str) -> Adapter:
+        """Return a new, unopened adapter for ``source`` with ``error_topic``."""
+        raise NotImplementedError
+
+    def features(self) -> AdapterFeatures:
+        """Return what the adapter guarantees; by default its class's declaration."""
+        return type(self.make_adapter("probe", "probe-errors")).features
+
+    def new_names(self) -> tuple[str, str]:
+        """Return a fresh source and error topic, unique per test."""
+        source = f"stalk-test-{uuid.uuid4().hex[:12]}"
+        return source, f"{source}-errors"
+
+    async def prepare(self, source: str, error_topic: str) -> None:
+        """Create what the broker needs before a test (queues, subscriptions)."""
+
+    def error_source(self, error_topic: str) -> str:
+        """Return the name to consume the error topic from (a subscription for Pub/Sub)."""
+        return error_topic
+
+    def options(self, **overrides: Any) -> CollectorOptions:
+        """Return engine options for a test: the fast defaults plus ``overrides``."""
+        return CollectorOptions(**{**FAST_OPTIONS, **overrides})
+
+
+class MemoryHarness(AdapterHarness):
+    """The memory adapter on one shared in-process broker."""
+
+    def __init__(self) -> None:
+        self.broker = MemoryBroker()
+
+    def make_adapter(self, source: str, error_topic: str) -> Adapter:
+        return MemoryAdapter(source, error_topic=error_topic, broker=self.broker)
+
+
+@dataclass
+class Delivery:
+    """What the recording handler saw of one delivery."""
+
+    body: bytes
+    attempt: int
+    id: str
+    attributes: dict[str, str]
+    source: str
+    at: float
+
+
+class Recorder:
+    """A handler wrapper that records every delivery and how many ran at once; thread-safe."""
+
+    def __init__(self, decide: Callable[[bytes, Message], Any] | None = None) -> None:
+        self.deliveries: list[Delivery] = []
+        self.done: list[bytes] = []
+        self.active = 0
+        self.max_active = 0
+        self._decide = decide
+        self._lock = threading.Lock()
+
+    def enter(self, body: bytes, message: Message) -> None:
+        with self._lock:
+            self.deliveries.append(
+                Delivery(
+                    body,
+                    message.attempt,
+                    message.id,
+                    dict(message.attributes),
+                    message.source,
+                    time.monotonic(),
+                )
+            )
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+
+    def leave(self, body: bytes) -> None:
+        with self._lock:
+            self.active -= 1
+            self.done.append(body)
+
+    def reset_max(self) -> None:
+        with self._lock:
+            self.max_active = self.active
+
+    def __call__(self, body: bytes, message: Message) -> Any:
+        self.enter(body, message)
+        try:
+            return self._decide(body, message) if self._decide else None
+        finally:
+            self.leave(body)
+
+    def bodies(self) -> list[bytes]:
+        with self._lock:
+            return [d.body for d in self.deliveries]
+
+    def attempts_of(self, body: bytes) -> list[int]:
+        with self._lock:
+            return [d.attempt for d in self.deliveries if d.body == body]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def publish_all(
+    harness: AdapterHarness,
+    source: str,
+    error_topic: str,
+    bodies: list[bytes],
+    attributes: dict[str, str] | None = None,
+    delay_s: float = 0.0,
+) -> list[str]:
+    """Publish ``bodies`` through a fresh adapter and close it."""
+    adapter = harness.make_adapter(source, error_topic)
+    adapter.bind(None, None)
+    await adapter.open()
+    try:
+        return [await adapter.publish(b, attributes, delay_s) for b in bodies]
+    finally:
+        await adapter.close()
+
+
+class Running:
+    """A collector started and woken in the background of a test."""
+
+    def __init__(self, collector: BaseCollector) -> None:
+        self.collector = collector
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Running:
+        await self.collector.start()
+        self.collector.wake()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.collector.state != "stopped":
+            await self.collector.stop(2.0)
+
+
+def collector(
+    harness: AdapterHarness,
+    source: str,
+    error_topic: str,
+    handler: Callable[..., Any],
+    **options: Any,
+) -> BaseCollector:
+    """Build a collector over a fresh adapter with the suite's fast options."""
+    return BaseCollector(
+        harness.make_adapter(source, error_topic), handler, harness.options(**options)
+    )
+
+
+async def read_errors(harness: AdapterHarness, error_topic: str, count: int) -> list[Delivery]:
+    """Consume ``count`` messages from the error topic and return what they carried."""
+    recorder = Recorder()
+    source = harness.error_source(error_topic)
+    c = collector(harness, source, f"{source}-errors", recorder, concurrency=4)
+    async with Running(c):
+        await wait_for(
+            lambda: len(recorder.done) >= count,
+            harness.patience_s,
+            f"{count} message(s) on error topic {error_topic}",
+        )
+        await asyncio.sleep(0.1)
+    return recorder.deliveries
