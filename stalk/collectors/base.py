@@ -224,7 +224,7 @@ class Adapter(abc.ABC):
         """
 
     async def extend(self, message: Message, seconds: float) -> None:  # noqa: B027
-        """Keep ``message`` leased ``seconds`` more (heartbeat); a no-op where leases never lapse."""
+        """Keep ``message`` leased ``seconds`` more (heartbeat); no-op where leases never lapse."""
 
     @abc.abstractmethod
     async def release(self, message: Message) -> None:

@@ -1,0 +1,233 @@
+"""The command line: ``run``, ``send``, ``stats``, ``backends``.
+
+Every failure a person can fix ends in one line on stderr and a non-zero exit: 2 for usage
+(bad option, unknown backend, handler that cannot be imported), 1 for runtime (broker down,
+queue missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from stalk import __version__
+from stalk.collector import BaseCollector
+from stalk.collectors import registry
+from stalk.collectors.base import Adapter
+from stalk.errors import BackendError, ConfigError, HandlerImportError, StalkError
+from stalk.handler import load
+from stalk.logs import configure, redact
+from stalk.options import CollectorOptions
+
+logger = logging.getLogger("stalk.cli")
+
+#: Exit codes: usage errors (the command line is wrong) and runtime errors (the world is).
+EXIT_USAGE = 2
+EXIT_RUNTIME = 1
+
+#: ``run`` flags that map one-to-one onto CollectorOptions fields.
+RUN_FLAGS: dict[str, tuple[str, type]] = {
+    "--concurrency": ("concurrency", int),
+    "--max-retries": ("max_retries", int),
+    "--retry-interval": ("retry_interval_s", float),
+    "--max-retry-delay": ("max_retry_delay_s", float),
+    "--polling-period": ("polling_period_s", float),
+    "--max-polling-period": ("max_polling_period_s", float),
+    "--handler-timeout": ("handler_timeout_s", float),
+    "--visibility-timeout": ("visibility_timeout_s", float),
+    "--shutdown-grace": ("shutdown_grace_s", float),
+    "--batch-size": ("batch_size", int),
+    "--max-message-bytes": ("max_message_bytes", int),
+    "--message-ttl": ("message_ttl_s", float),
+}
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip().replace("-", "_"), value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("STALK_BACKEND", "local"),
+        help="broker adapter (default: local, or $STALK_BACKEND); see `stalk backends`",
+    )
+    parser.add_argument(
+        "--source",
+        default=os.environ.get("STALK_SOURCE", "default"),
+        help="queue, subscription or topic name (default: $STALK_SOURCE or 'default')",
+    )
+    parser.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="adapter setting, repeatable (also env STALK_<BACKEND>_<KEY>)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", default=os.environ.get("STALK_LOG_LEVEL", "INFO"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser (names are part of stalk's contract)."""
+    parser = argparse.ArgumentParser(prog="stalk", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"stalk {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume SOURCE with the handler MODULE:FUNC")
+    run.add_argument("handler", metavar="MODULE:FUNC")
+    _common(run)
+    run.add_argument("--error-topic", default=None, help="default: <source>-errors")
+    for flag, (field, kind) in RUN_FLAGS.items():
+        run.add_argument(flag, dest=field, type=kind, default=None)
+    run.add_argument(
+        "--unflagged-error", choices=("error_topic", "retry", "drop"), default=None
+    )
+    run.add_argument(
+        "--fatal-exception",
+        dest="fatal_exceptions",
+        action="append",
+        default=None,
+        metavar="MODULE.CLASS",
+        help="exception class that means fatal when a handler raises it (repeatable)",
+    )
+    run.add_argument("--until-empty", action="store_true", help="exit 0 once drained")
+
+    send = sub.add_parser("send", help="publish BODY... (or stdin lines with '-') to SOURCE")
+    _common(send)
+    send.add_argument("bodies", nargs="+", metavar="BODY")
+    send.add_argument("--delay", type=float, default=0.0, help="seconds before it is visible")
+    send.add_argument(
+        "--attribute", "-a", action="append", type=_key_value, default=[], metavar="K=V"
+    )
+
+    stats = sub.add_parser("stats", help="show backlog counts of SOURCE")
+    _common(stats)
+    stats.add_argument("--json", action="store_true")
+
+    backends = sub.add_parser("backends", help="list adapters and whether they load here")
+    backends.add_argument("--log-format", choices=("text", "json"), default="text")
+    backends.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+def make_adapter(args: argparse.Namespace, error_topic: str | None = None) -> Adapter:
+    """Build the ``--backend`` adapter from the command line's source and options."""
+    cls = registry.get(args.backend)
+    return cls.from_options(args.source, error_topic, dict(args.option))
+
+
+def _run_options(args: argparse.Namespace) -> CollectorOptions:
+    values: dict[str, Any] = {"source": args.source, "error_topic": args.error_topic}
+    for field, _ in RUN_FLAGS.values():
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    if args.unflagged_error is not None:
+        values["unflagged_error"] = args.unflagged_error
+    if args.fatal_exceptions:
+        values["fatal_exceptions"] = tuple(args.fatal_exceptions)
+    return CollectorOptions(**values)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    options = _run_options(args)
+    handler = load(args.handler)
+    adapter = make_adapter(args, options.error_topic)
+    collector = BaseCollector(adapter, handler, options)
+    asyncio.run(collector.serve(until_empty=args.until_empty, install_signals=True))
+    return 0
+
+
+async def _send(adapter: Adapter, bodies: list[bytes], attrs: dict[str, str], delay: float) -> int:
+    adapter.bind(None, None)
+    await adapter.open()
+    try:
+        for body in bodies:
+            message_id = await adapter.publish(body, attrs, delay)
+            print(message_id)
+    finally:
+        await adapter.close()
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    bodies: list[bytes] = []
+    for body in args.bodies:
+        if body == "-":
+            bodies.extend(line.rstrip(b"\r\n") for line in sys.stdin.buffer if line.strip())
+        else:
+            bodies.append(body.encode())
+    return asyncio.run(_send(make_adapter(args), bodies, dict(args.attribute), args.delay))
+
+
+async def _stats(adapter: Adapter) -> dict[str, Any] | None:
+    adapter.bind(None, None)
+    await adapter.open()
+    try:
+        backlog = await adapter.backlog()
+    finally:
+        await adapter.close()
+    return None if backlog is None else backlog.as_dict()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    adapter = make_adapter(args)
+    counts = asyncio.run(_stats(adapter))
+    if counts is None:
+        print(f"stalk: backend {args.backend!r} cannot report backlog counts", file=sys.stderr)
+        return EXIT_RUNTIME
+    row = {"backend": args.backend, "source": args.source, **counts}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        width = max(len(k) for k in row)
+        for key, value in row.items():
+            print(f"{key:<{width}}  {'-' if value is None else value}")
+    return 0
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    for info in registry.describe_all():
+        status = "ok" if info.available else f"unavailable: {info.problem}"
+        print(f"{info.name:<10} {info.origin:<12} {status}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "send": cmd_send, "stats": cmd_stats, "backends": cmd_backends}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the process exit code."""
+    args = build_parser().parse_args(argv)
+    configure(args.log_format, args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, HandlerImportError) as exc:
+        print(f"stalk: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"stalk: invalid {where}: {first['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    except BackendError as exc:
+        print(f"stalk: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except StalkError as exc:
+        print(f"stalk: {redact(str(exc))}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return 130
