@@ -1,0 +1,321 @@
+"""The ``local`` backend: durable queues in one SQLite file, no server.
+
+What a user gets with no broker at all, and meant for production on one machine: messages survive
+``kill -9`` of any process and (with ``durability=full``, the default) power loss; several
+processes may consume one queue at once. The SQL lives in :mod:`stalk.collectors._local_store`;
+this module is the asyncio face of it.
+
+Every database call of an adapter runs on one dedicated thread that owns the connection, one hop
+per batch: a poll leases its whole batch in one transaction, an ack deletes its whole batch in
+one transaction. The event loop never blocks on the file.
+
+Options (``--option KEY=VALUE`` or ``STALK_LOCAL_<KEY>``): ``path``, ``durability``, ``topic``,
+``max_message_bytes``, ``max_queue_length``, ``message_ttl_s``, ``lock_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from stalk.collectors._local_store import LocalStore
+from stalk.collectors.base import (
+    AdapterFeatures,
+    AdapterSettings,
+    Backlog,
+    PollingAdapter,
+    build_settings,
+)
+from stalk.errors import ConfigError, MessageTooLarge
+from stalk.message import Failure, Message
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Where the file lives when no ``path`` is given: beside the project, hidden.
+DEFAULT_PATH = "./.stalk/stalk.db"
+#: What a queue, error topic or topic name may look like: no path separators, no junk.
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,199}")
+
+LOCAL_FEATURES = AdapterFeatures(
+    native_delay=True,
+    max_delay_s=None,
+    delay_precision_s=0.5,
+    ordering=False,
+    persistent=True,
+    native_attempts=True,
+    visibility_timeout=True,
+    backlog=True,
+)
+
+
+class LocalSettings(AdapterSettings):
+    """Settings of the ``local`` backend (env ``STALK_LOCAL_<KEY>``)."""
+
+    model_config = SettingsConfigDict(env_prefix="STALK_LOCAL_", extra="forbid")
+
+    #: The SQLite file; its directory is created 0700 and the file 0600.
+    path: str = DEFAULT_PATH
+    #: ``full``: a publish that returned survives power loss (fsync); ``normal``: survives any
+    #: process crash, and power loss may drop the last publishes (not corrupt the file).
+    durability: Literal["full", "normal"] = "full"
+    #: Publish to this topic (a copy per subscription); a consumer subscribes its source to it.
+    topic: str | None = None
+    #: Largest body a publish takes (Continuum's 1 MiB); bigger raises ``MessageTooLarge``.
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+    #: Most messages one queue may hold (in every state); a publish past it raises ``QueueFull``.
+    #: Continuum's 1,000 is too small for batch jobs; a million 1 KiB rows is about 1 GB.
+    max_queue_length: int | None = Field(default=1_000_000, ge=1)
+    #: Messages older than this when leased go to the error topic, reason ``expired``.
+    #: ``None`` (default): they never expire; a stopped consumer must not empty a queue.
+    message_ttl_s: float | None = Field(default=None, gt=0)
+    #: How long to wait for another process's write lock before ``BackendUnavailable``.
+    lock_timeout_s: float = Field(default=30.0, gt=0)
+
+
+def check_name(name: str, what: str) -> str:
+    """Return ``name`` if it is a valid queue or topic name.
+
+    Raises:
+        ConfigError: saying which name and what is allowed.
+    """
+    if not QUEUE_NAME.fullmatch(name):
+        shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
+        raise ConfigError(
+            f"local backend: {what} {shown!r} is not a valid name; use 1-200 letters, digits "
+            "and . _ - : @ (no path separators or spaces)"
+        )
+    return name
+
+
+class LocalAdapter(PollingAdapter):
+    """Polling adapter over one SQLite WAL file shared by any number of queues and processes.
+
+    Args:
+        source: the queue to consume (and publish to, unless ``settings.topic`` is set).
+        error_topic: the queue in the same file that failed messages move to.
+        settings: file, durability and limits; read from ``STALK_LOCAL_*`` when omitted.
+    """
+
+    name = "local"
+    features = LOCAL_FEATURES
+    settings_model = LocalSettings
+
+    def __init__(
+        self,
+        source: str | None = None,
+        *,
+        error_topic: str | None = None,
+        settings: LocalSettings | None = None,
+    ) -> None:
+        super().__init__(source, error_topic=error_topic)
+        self.settings = settings if settings is not None else LocalSettings()
+        self.path = Path(self.settings.path).expanduser()
+        self._store: LocalStore | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_options(
+        cls, source: str | None, error_topic: str | None, options: Mapping[str, str]
+    ) -> LocalAdapter:
+        """Build the adapter from CLI ``--option`` pairs (and ``STALK_LOCAL_*``)."""
+        settings = build_settings(cls.settings_model, cls.name, options)
+        assert isinstance(settings, LocalSettings)
+        return cls(source, error_topic=error_topic, settings=settings)
+
+    def describe(self) -> str:
+        """Return ``local:<source>@<path>``, for logs."""
+        return f"local:{self.source}@{self.path}"
+
+    # ------------------------------------------------------------------ plumbing
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the database thread: the one hop a batch costs."""
+        if self._thread is None:
+            raise ConfigError(f"{self.describe()} used before open()")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    @property
+    def store(self) -> LocalStore:
+        """The open store (only to be used on the database thread)."""
+        if self._store is None:
+            raise ConfigError(f"{self.describe()} used before open()")
+        return self._store
+
+    @property
+    def _source(self) -> str:
+        if not self.source:
+            raise ConfigError("local backend needs a source: pass --source NAME")
+        return self.source
+
+    @property
+    def _errors(self) -> str:
+        return self.error_topic or self.default_error_topic(self._source)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def open(self) -> None:
+        """Open (creating if needed) the file, and subscribe the source to ``topic`` if set.
+
+        Raises:
+            ConfigError: a bad queue name, or a path that is not a writable stalk file.
+        """
+        check_name(self._source, "source")
+        check_name(self._errors, "error topic")
+        if self.settings.topic is not None:
+            check_name(self.settings.topic, "topic")
+        if self._thread is not None:
+            return
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="stalk-local")
+        settings = self.settings
+
+        def connect() -> None:
+            self._store = LocalStore(self.path, full_sync=settings.durability == "full",
+                                     lock_timeout_s=settings.lock_timeout_s)
+            if settings.topic is not None:
+                self._store.subscribe(settings.topic, self._source)
+
+        try:
+            await self._call(connect)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection and stop the database thread. Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        store, self._store = self._store, None
+        if store is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, store.close)
+        thread.shutdown(wait=False)
+
+    # ------------------------------------------------------------------ consuming
+    async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
+        """Lease up to ``max_messages`` due messages in one transaction; returns at once."""
+        return await self._call(self.store.lease, self._source, max_messages,
+                                self.visibility_timeout_s, self._errors)
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        """Delete the batch in one transaction; deliveries whose lease lapsed are refused."""
+        held = [m for m in messages if m.receipt is not None]
+        if not held:
+            return
+        deleted = await self._call(self.store.ack, held)
+        if deleted < len(held):
+            logger.warning(
+                "%d of %d acks on %s refused: their lease expired and another worker took them",
+                len(held) - deleted, len(held), self.describe(),
+            )
+
+    async def retry_later(self, message: Message, delay_s: float) -> None:
+        """Make the message due in ``delay_s`` (``visible_at``); attributes are saved with it."""
+        if not await self._call(self.store.requeue, message, delay_s, True):
+            logger.warning("retry of %s refused: its lease expired", message.id,
+                           extra={"message_id": message.id, "backend": self.name})
+
+    async def release(self, message: Message) -> None:
+        """Make the message due now without counting the delivery. Idempotent."""
+        if message.receipt is not None:
+            await self._call(self.store.requeue, message, 0.0, False)
+
+    async def extend(self, message: Message, seconds: float) -> None:
+        """Push the lease end to ``seconds`` from now if this delivery still holds it."""
+        if message.receipt is not None:
+            await self._call(self.store.extend, message, seconds)
+
+    async def publish_error(self, message: Message, failure: Failure) -> None:
+        """Move the message to the error queue with ``failure`` as attributes, atomically.
+
+        The row itself moves (same id), so there is no moment with two copies or none. The
+        engine's following ack then has nothing to delete, and says nothing.
+        """
+        moved = await self._call(self.store.to_error, message, self._errors, failure)
+        if moved:
+            message.receipt = None
+
+    # ------------------------------------------------------------------ producing
+    async def publish(
+        self,
+        body: bytes,
+        attributes: Mapping[str, str] | None = None,
+        delay_s: float = 0.0,
+    ) -> str:
+        """Publish one message to the source, or to each subscription of ``topic``.
+
+        Returns only once committed (fsynced with ``durability=full``).
+
+        Raises:
+            MessageTooLarge: body over ``max_message_bytes``.
+            QueueFull: a queue at ``max_queue_length``.
+            QueueNotFound: ``topic`` has no subscription yet.
+        """
+        return (await self.publish_batch([body], attributes, delay_s))[0]
+
+    async def publish_batch(
+        self,
+        bodies: Sequence[bytes],
+        attributes: Mapping[str, str] | None = None,
+        delay_s: float = 0.0,
+    ) -> list[str]:
+        """Publish many bodies in one transaction (``stalk send -`` reading stdin lines).
+
+        All or nothing: a body over the limit or a full queue rejects the whole batch.
+        """
+        limit = self.settings.max_message_bytes
+        for body in bodies:
+            if len(body) > limit:
+                raise MessageTooLarge(
+                    f"body of {len(body)} bytes is over the local backend's max_message_bytes="
+                    f"{limit} (raise it with --option max_message_bytes=N)"
+                )
+        if not bodies:
+            return []
+        topic, store = self.settings.topic, self.store
+
+        def run() -> list[str]:
+            queues = store.subscribed_queues(topic) if topic is not None else self._source
+            return store.insert(queues, bodies, attributes, max(0.0, delay_s),
+                                self.settings.message_ttl_s, self.settings.max_queue_length)
+
+        return await self._call(run)
+
+    # ------------------------------------------------------------------ counts and topics
+    async def backlog(self) -> Backlog:
+        """Return ready, delayed, in-flight, error depth and oldest age of the source."""
+        return await self._call(self.store.backlog, self._source, self._errors)
+
+    async def topic_stats(self, topic: str | None = None) -> dict[str, Backlog]:
+        """Return a :class:`Backlog` per subscription of ``topic`` (default: the ``topic`` option).
+
+        Raises:
+            ConfigError: no topic given or set.
+        """
+        name = topic if topic is not None else self.settings.topic
+        if name is None:
+            raise ConfigError("local backend: topic_stats needs a topic (--option topic=T)")
+        store = self.store
+
+        def run() -> dict[str, Backlog]:
+            return {q: store.backlog(q, self.default_error_topic(q))
+                    for q in store.subscriptions(check_name(name, "topic"))}
+
+        return await self._call(run)
+
+    async def subscribe(self, topic: str, queue: str | None = None) -> None:
+        """Subscribe ``queue`` (default: the source) to ``topic``; it gets only later publishes."""
+        await self._call(self.store.subscribe, check_name(topic, "topic"),
+                         check_name(queue or self._source, "queue"))
+
+    async def unsubscribe(self, topic: str, queue: str | None = None) -> None:
+        """Stop copying ``topic`` into ``queue`` (default: the source); its messages stay."""
+        await self._call(self.store.unsubscribe, check_name(topic, "topic"),
+                         check_name(queue or self._source, "queue"))
