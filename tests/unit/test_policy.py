@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import pytest
+
+from stalk import Result, fatal, ok, retry
+from stalk.backoff import PollBackoff, exponential_ceiling, full_jitter
+from stalk.policy import ACK, DROP, RetryLater, RetryPolicy, RouteToError, decide
+
+POLICY = RetryPolicy(max_retries=3, retry_interval_s=1.0, max_retry_delay_s=10.0)
+
+
+def test_policy_ok_acks() -> None:
+    assert decide(ok(), 1, POLICY) == ACK
+    assert decide(Result(), 7, POLICY) == ACK
+
+
+def test_policy_fatal_routes_even_with_retry_flag() -> None:
+    assert decide(fatal("x"), 1, POLICY) == RouteToError("fatal")
+    assert decide(Result(error="x", retry=True, fatal=True), 1, POLICY) == RouteToError("fatal")
+
+
+def test_policy_retry_uses_result_delay() -> None:
+    assert decide(retry("x", delay=4.5), 1, POLICY) == RetryLater(4.5)
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_policy_retry_with_attempts_left(attempt: int) -> None:
+    assert isinstance(decide(retry("x"), attempt, POLICY), RetryLater)
+
+
+def test_policy_max_retries_counts_retries_after_first_attempt() -> None:
+    # max_retries=3 → attempts 1..4 in all; the 4th failing attempt goes to the error topic.
+    assert decide(retry("x"), 4, POLICY) == RouteToError("retries_exhausted")
+
+
+def test_policy_zero_retries_routes_first_failure() -> None:
+    policy = RetryPolicy(0, 1.0, 10.0)
+    assert decide(retry("x"), 1, policy) == RouteToError("retries_exhausted")
+
+
+def test_policy_backoff_is_full_jitter_capped() -> None:
+    assert decide(retry("x"), 1, POLICY, rand=lambda: 0.999).delay_s == pytest.approx(0.999)
+    assert decide(retry("x"), 3, POLICY, rand=lambda: 1.0).delay_s == pytest.approx(4.0)
+    assert decide(retry("x"), 3, POLICY, rand=lambda: 0.0).delay_s == 0.0
+    big = RetryPolicy(100, 1.0, 10.0)
+    assert decide(retry("x"), 60, big, rand=lambda: 1.0).delay_s == 10.0
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [("error_topic", RouteToError("error")), ("drop", DROP)],
+)
+def test_policy_unflagged_error(choice: str, expected: object) -> None:
+    policy = RetryPolicy(3, 1.0, 10.0, choice)  # type: ignore[arg-type]
+    assert decide(Result(error="x"), 1, policy) == expected
+
+
+def test_policy_unflagged_error_retry_then_exhausts() -> None:
+    policy = RetryPolicy(1, 1.0, 10.0, "retry")
+    assert isinstance(decide(Result(error="x"), 1, policy), RetryLater)
+    assert decide(Result(error="x"), 2, policy) == RouteToError("retries_exhausted")
+
+
+def test_result_rejects_negative_delay() -> None:
+    with pytest.raises(ValueError, match="delay"):
+        retry("x", delay=-1)
+
+
+def test_result_constructors_and_fields() -> None:
+    r = retry(ValueError("v"), delay=2)
+    assert (r.retry, r.fatal, r.delay, str(r.error)) == (True, False, 2, "v")
+    assert fatal("f").fatal and not fatal("f").retry
+    assert ok().is_ok and not r.is_ok
+    with pytest.raises(AttributeError):
+        r.retry = False  # type: ignore[misc]
+
+
+def test_backoff_ceiling_does_not_overflow() -> None:
+    assert exponential_ceiling(1.0, 10_000, 30.0) == 30.0
+    assert exponential_ceiling(0.5, 1, 30.0) == 0.5
+    assert full_jitter(1.0, 2, 30.0, rand=lambda: 0.5) == 1.0
+
+
+def test_poll_backoff_doubles_caps_and_resets_to_period() -> None:
+    b = PollBackoff(0.1, 0.5)
+    assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    b.reset()
+    assert b.current_s == 0.1
