@@ -1,0 +1,35 @@
+"""The conformance suite on the local backend: a real SQLite file per test, real WAL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stalk.collectors.base import Adapter
+from stalk.collectors.local import LocalAdapter, LocalSettings
+from stalk.testing import AdapterHarness, ConformanceSuite
+
+
+class LocalHarness(AdapterHarness):
+    """Every adapter of a test shares one file, as separate processes would."""
+
+    def __init__(self, path: Path, durability: str = "normal") -> None:
+        self.settings = LocalSettings(path=str(path), durability=durability)
+
+    def make_adapter(self, source: str, error_topic: str) -> Adapter:
+        return LocalAdapter(source, error_topic=error_topic, settings=self.settings)
+
+
+class TestLocalConformance(ConformanceSuite):
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> AdapterHarness:
+        return LocalHarness(tmp_path / "stalk.db")
+
+
+class TestLocalFullDurabilityConformance(ConformanceSuite):
+    """The default durability, so the fsync path meets every scenario too."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> AdapterHarness:
+        return LocalHarness(tmp_path / "stalk.db", durability="full")
