@@ -148,7 +148,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     adapter = make_adapter(args, options.error_topic)
     collector = BaseCollector(adapter, handler, options)
     asyncio.run(collector.serve(until_empty=args.until_empty, install_signals=True))
+    print(summary(collector))
     return 0
+
+
+def summary(collector: BaseCollector) -> str:
+    """Return the one line ``run`` prints when it ends: what became of the messages."""
+    stats = collector.stats
+    errored = sum(stats.errored.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.errored.items()))
+    return (
+        f"stalk: {stats.handled} handled on {collector.adapter.describe()}: "
+        f"{stats.acked - errored} acked, {stats.retried} retried, "
+        f"{errored} to error topic {collector.adapter.error_topic}"
+        + (f" ({reasons})" if reasons else "")
+        + (f", {stats.released} released" if stats.released else "")
+    )
 
 
 async def _send(adapter: Adapter, bodies: list[bytes], attrs: dict[str, str], delay: float) -> int:
