@@ -26,7 +26,7 @@ from stalk.handler import prepare, resolve_exceptions
 from stalk.message import ATTR_FIRST_FAILURE_AT, Failure, Message
 from stalk.metrics import CollectorStats
 from stalk.options import CollectorOptions
-from stalk.policy import Ack, Drop, RetryLater, RetryPolicy, RouteToError, decide
+from stalk.policy import Ack, Action, Drop, RetryLater, RetryPolicy, RouteToError, decide
 from stalk.result import Result
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,11 @@ class BaseCollector:
         self._until_empty = False
         self._last_intake = time.monotonic()
         self.stop_now = False
+        self._poll_task: asyncio.Task[Any] | None = None
+        #: Optional observer of each handled message, called on the loop as
+        #: ``(message, action, handler_seconds)`` once the policy decided and before settling
+        #: (outcome logs, tests). Left ``None`` it costs the hot path one attribute check.
+        self.on_outcome: Callable[[Message, Action, float], None] | None = None
 
     # ----------------------------------------------------------------- public controls
     @property
@@ -166,7 +171,7 @@ class BaseCollector:
             if self._until_empty:
                 self._spawn(self._watch_push_idle(), "stalk-until-empty")
         else:
-            self._spawn(self._poll_loop(), "stalk-poll")
+            self._poll_task = self._spawn(self._poll_loop(), "stalk-poll")
         if self._want_awake:
             self._apply_wake()
         logger.info(
@@ -229,6 +234,22 @@ class BaseCollector:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        # gunicorn's convention: TTIN/TTOU one slot more/less; USR1 sleeps, USR2 wakes.
+        controls: dict[str, Callable[[], None]] = {
+            "SIGTTIN": lambda: self._step_scale(+1),
+            "SIGTTOU": lambda: self._step_scale(-1),
+            "SIGUSR1": self.sleep,
+            "SIGUSR2": self.wake,
+        }
+        for name, control in controls.items():
+            number = getattr(signal, name, None)  # absent on Windows
+            if number is not None:
+                loop.add_signal_handler(number, control)
+
+    def _step_scale(self, delta: int) -> None:
+        if self.state in ("draining", "stopped") or self.concurrency + delta < 1:
+            return
+        self.scale(self.concurrency + delta)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         if self.state == "draining":
@@ -238,10 +259,11 @@ class BaseCollector:
         logger.info("%s: draining (send again to stop at once)", sig.name)
         self.stop()
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -351,9 +373,14 @@ class BaseCollector:
 
     # ----------------------------------------------------------------- settling
     def _on_done(self, message: Message, result: Result, seconds: float) -> None:
-        self.stats.handled += 1
-        self.stats.handler_seconds += seconds
+        self.stats.observe(seconds)
         action = decide(result, message.attempt, self._policy)
+        hook = self.on_outcome
+        if hook is not None:
+            try:
+                hook(message, action, seconds)
+            except Exception:
+                logger.exception("on_outcome observer failed for message %s", message.id)
         if isinstance(action, Ack):
             self._queue_ack(message)
         elif isinstance(action, Drop):
@@ -366,7 +393,7 @@ class BaseCollector:
             self.stats.dropped += 1
             self._queue_ack(message)
         else:
-            self._spawn(self._route(message, action, result), "stalk-route")
+            self._spawn(self._route(message, action, result, seconds), "stalk-route")
 
     def _queue_ack(self, message: Message) -> None:
         self._pending_acks.append(message)
@@ -393,9 +420,21 @@ class BaseCollector:
             self._ack_task = None
 
     async def _route(
-        self, message: Message, action: RetryLater | RouteToError, result: Result
+        self,
+        message: Message,
+        action: RetryLater | RouteToError,
+        result: Result,
+        seconds: float | None = None,
     ) -> None:
-        context = {"message_id": message.id, "attempt": message.attempt, "source": message.source}
+        outcome = "retry" if isinstance(action, RetryLater) else f"error:{action.reason}"
+        context = {
+            "message_id": message.id,
+            "attempt": message.attempt,
+            "source": message.source,
+            "backend": self.adapter.name,
+            "outcome": outcome,
+            "duration_s": None if seconds is None else round(seconds, 6),
+        }
         try:
             if isinstance(action, RetryLater):
                 message.attributes.setdefault(ATTR_FIRST_FAILURE_AT, f"{time.time():.6f}")
@@ -490,6 +529,7 @@ class BaseCollector:
                 await self.adapter.pause()
             except Exception as exc:
                 logger.warning("pause on shutdown failed: %s", exc)
+        await self._wait_poll_done(grace_s)
         for message in self._executor.take_unstarted():
             await self._release_quietly(message)
         deadline = time.monotonic() + grace_s
@@ -518,6 +558,16 @@ class BaseCollector:
         self.healthy, self.health_reason = False, "stopped"
         self._stopped.set()
         logger.info("collector stopped on %s: %s", self.adapter.describe(), self.stats.as_dict())
+
+    async def _wait_poll_done(self, grace_s: float) -> None:
+        """Let a poll under way return, so what it leased is released now, not after its lease."""
+        task = self._poll_task
+        if task is None or task.done() or task is asyncio.current_task():
+            return
+        limit = grace_s + self.options.max_polling_period_s
+        done, _ = await asyncio.wait({task}, timeout=limit)
+        if not done:
+            logger.warning("poll still blocked after %.1fs at shutdown; cancelling it", limit)
 
     async def _settle_pending(self, grace_s: float) -> None:
         """Let acks and routes already under way finish; release whatever still has no outcome."""
