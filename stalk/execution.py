@@ -142,7 +142,9 @@ class AsyncExecutor(Executor):
                     if timeout_s is not None
                     else from_exception(exc, self.fatal_types)
                 )
-            except Exception as exc:
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # a handler's SystemExit must not kill the worker
                 result = from_exception(exc, self.fatal_types)
             if self.running.pop(message, None) is not None:
                 self.on_done(message, result, time.perf_counter() - start)
