@@ -1,0 +1,201 @@
+"""Prometheus exposition of collectors' counters, with prometheus-client or without it.
+
+The engine only bumps plain ints (:class:`stalk.metrics.CollectorStats`); nothing here runs per
+message. At scrape time :func:`families` turns snapshots into metric families once, and they are
+written either by prometheus-client (extra ``stalk[prometheus]``: a private registry per exporter,
+plus the process metrics) or, with no extra installed, by :func:`render_text` in the same text
+format. Nothing registers into a global registry, so two collectors in one process never clash
+(the Go Stalk panicked there): give each its own :class:`MetricsExporter`, or one exporter
+several snapshots, whose families are then written once with one sample set per collector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stalk.metrics import DURATION_BUCKETS_S, Snapshot
+
+#: Content type of the Prometheus text format, version 0.0.4.
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Error reasons exported at 0 before they happen, so ``rate()`` sees them from the start.
+KNOWN_REASONS = ("fatal", "retries_exhausted", "error", "too_large", "expired")
+
+#: (name without ``_total``, help, CollectorStats attribute) of the plain counters.
+COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("stalk_messages_received", "Messages taken from the broker.", "received"),
+    ("stalk_messages_acked", "Messages deleted after success or after their error copy.", "acked"),
+    ("stalk_messages_retried", "Messages handed back to the broker with a delay.", "retried"),
+    ("stalk_messages_dropped", "Unflagged errors dropped (unflagged_error=drop).", "dropped"),
+    ("stalk_messages_released", "Messages given back unprocessed (shutdown).", "released"),
+    (
+        "stalk_settle_failures",
+        "Acks, retries or error publishes the broker refused.",
+        "failed_settles",
+    ),
+    ("stalk_broker_errors", "Failed polls or connects.", "broker_errors"),
+)
+
+Labels = dict[str, str]
+
+
+@dataclass(slots=True)
+class Family:
+    """One metric family: ``samples`` are (full sample name, labels, value)."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[tuple[str, Labels, float]] = field(default_factory=list)
+
+
+def _bound(value: float) -> str:
+    """Write a bucket bound as Prometheus' Go clients do (``+Inf``, ``0.005``, ``1.0``)."""
+    return "+Inf" if math.isinf(value) else repr(float(value))
+
+
+def families(snapshots: Sequence[Snapshot]) -> list[Family]:
+    """Return every family with one sample set per snapshot, labelled by backend and source."""
+    out = [Family(name, "counter", text) for name, text, _ in COUNTERS]
+    errored = Family("stalk_messages_errored", "counter", "Messages sent to the error topic.")
+    duration = Family(
+        "stalk_handler_duration_seconds", "histogram", "Time the handler took per message."
+    )
+    gauges = {
+        "in_flight": Family("stalk_in_flight", "gauge", "Messages received and not yet settled."),
+        "concurrency": Family("stalk_concurrency", "gauge", "Handlers allowed to run at once."),
+        "healthy": Family("stalk_healthy", "gauge", "1 when connected and the loop is alive."),
+        "awake": Family("stalk_awake", "gauge", "1 while taking messages, 0 asleep or stopping."),
+        "backlog": Family("stalk_backlog_messages", "gauge", "Broker-side counts by state."),
+        "oldest": Family(
+            "stalk_backlog_oldest_age_seconds", "gauge", "Age of the oldest waiting message."
+        ),
+    }
+    for snap in snapshots:
+        labels = {"backend": snap.backend, "source": snap.source}
+        stats = snap.stats
+        for family, (_, _, attr) in zip(out, COUNTERS, strict=True):
+            family.samples.append((family.name + "_total", labels, getattr(stats, attr)))
+        for reason in sorted(set(KNOWN_REASONS) | set(stats.errored)):
+            errored.samples.append(
+                (errored.name + "_total", {**labels, "reason": reason}, stats.errored[reason])
+            )
+        running = 0
+        for bound, count in zip(
+            (*DURATION_BUCKETS_S, math.inf), stats.duration_counts, strict=True
+        ):
+            running += count
+            duration.samples.append(
+                (duration.name + "_bucket", {**labels, "le": _bound(bound)}, running)
+            )
+        duration.samples.append((duration.name + "_count", labels, stats.handled))
+        duration.samples.append((duration.name + "_sum", labels, stats.handler_seconds))
+        for key, value in (
+            ("in_flight", snap.in_flight),
+            ("concurrency", snap.concurrency),
+            ("healthy", int(snap.healthy)),
+            ("awake", int(snap.state == "awake")),
+        ):
+            gauges[key].samples.append((gauges[key].name, labels, value))
+        backlog = stats.backlog
+        if backlog is not None:
+            for state in ("ready", "delayed", "in_flight", "errors"):
+                count = getattr(backlog, state)
+                if count is not None:
+                    gauges["backlog"].samples.append(
+                        (gauges["backlog"].name, {**labels, "state": state}, count)
+                    )
+            if backlog.oldest_age_s is not None:
+                gauges["oldest"].samples.append(
+                    (gauges["oldest"].name, labels, backlog.oldest_age_s)
+                )
+    return [*out, errored, duration, *gauges.values()]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_text(fams: Sequence[Family]) -> bytes:
+    """Write families in the Prometheus text format 0.0.4 (what prometheus-client writes)."""
+    lines: list[str] = []
+    for family in fams:
+        head = family.name + "_total" if family.kind == "counter" else family.name
+        help_text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
+        lines.append(f"# HELP {head} {help_text}")
+        lines.append(f"# TYPE {head} {family.kind}")
+        for name, labels, value in family.samples:
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            lines.append(f"{name}{{{label_text}}} {_number(value)}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+class StalkMetrics:
+    """A prometheus-client custom collector reading stalk snapshots when scraped.
+
+    Register it in a registry you own (never the global one unless you choose to)::
+
+        registry.register(StalkMetrics(lambda: [Snapshot.of(a), Snapshot.of(b)]))
+    """
+
+    def __init__(self, snapshots: Callable[[], Sequence[Snapshot]]) -> None:
+        self.snapshots = snapshots
+
+    def collect(self) -> Iterator[Any]:
+        """Yield prometheus-client metric families (the registry calls this on each scrape)."""
+        from prometheus_client.metrics_core import Metric
+
+        for family in families(self.snapshots()):
+            metric = Metric(family.name, family.help, family.kind)
+            for name, labels, value in family.samples:
+                metric.add_sample(name, labels, value)
+            yield metric
+
+
+class MetricsExporter:
+    """What ``GET /metrics`` serves: one private registry per exporter, no global state.
+
+    Args:
+        snapshots: returns the collectors to export (usually one); called on each scrape.
+        registry: a prometheus-client registry to register into instead of a private one
+            (ignored without prometheus-client).
+        process_metrics: also export ``process_*`` (CPU, memory, fds) when prometheus-client is
+            installed.
+    """
+
+    def __init__(
+        self,
+        snapshots: Callable[[], Sequence[Snapshot]],
+        *,
+        registry: Any = None,
+        process_metrics: bool = True,
+    ) -> None:
+        self.snapshots = snapshots
+        self.registry: Any = None
+        try:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+        except ImportError:
+            return
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        self.registry.register(StalkMetrics(snapshots))
+        if process_metrics and registry is None:
+            ProcessCollector(registry=self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        """Return the exposition body and its content type."""
+        if self.registry is None:
+            return render_text(families(self.snapshots())), TEXT_CONTENT_TYPE
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
