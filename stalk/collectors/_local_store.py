@@ -1,13 +1,10 @@
-"""The SQL of the local backend: one SQLite file in WAL mode, many queues, short transactions.
+"""The local backend's file: one SQLite database in WAL mode, many queues, short transactions.
 
-Everything here is synchronous and runs on the adapter's single database thread, which owns the
-connection; :mod:`stalk.collectors.local` wraps it for asyncio. Every state change is one
-``BEGIN IMMEDIATE`` transaction, so several processes may share the file: SQLite's write lock
-serialises them, and a row leased by one cannot be leased by another until its lease expires.
-
-A message row is leased by moving its ``visible_at`` to the end of the lease and bumping its
-``lease_token``; the token is the fence: an ack, retry or extend from a worker whose lease lapsed
-and was taken by another no longer matches, and changes nothing.
+Everything here is synchronous and runs on the adapter's database thread, which owns the
+connection (:mod:`stalk.collectors.local` is the asyncio face). Every state change is a single
+write transaction, so several processes may share the file: SQLite's write lock serialises them,
+and a row leased by one cannot be leased by another until its lease ends. The statements and the
+fencing rule are in :mod:`stalk.collectors._local_sql`.
 
 Durability: a publish is what a caller is told "success" for, so with ``full`` it commits with
 ``synchronous=FULL`` (fsync). Consumer-side changes (lease, ack, retry, error move) commit with
@@ -25,103 +22,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stalk.collectors import _local_sql as sql
 from stalk.collectors.base import Backlog
-from stalk.errors import BackendError, BackendUnavailable, ConfigError, QueueFull, QueueNotFound
+from stalk.errors import BackendError, BackendUnavailable, ConfigError, QueueFull
 from stalk.message import Failure, Message
 
 T = TypeVar("T")
 
-#: ``PRAGMA application_id`` of a stalk file ("STLK"): tells ours from someone else's database.
-APPLICATION_ID = 0x53544C4B
-#: ``PRAGMA user_version`` of the schema below; bump with a migration when it changes.
-SCHEMA_VERSION = 1
-
-SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS stalk_messages (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,  -- the seqno; never reused, so fences hold
-    queue       TEXT    NOT NULL,
-    body        BLOB    NOT NULL,
-    attributes  TEXT,                               -- JSON object, NULL when empty
-    attempts    INTEGER NOT NULL DEFAULT 0,         -- leases taken (deliveries)
-    enqueued_at REAL    NOT NULL,
-    visible_at  REAL    NOT NULL,                   -- due time, or end of the current lease
-    expires_at  REAL,                               -- message_ttl_s; NULL = never
-    leased      INTEGER NOT NULL DEFAULT 0,
-    lease_token INTEGER NOT NULL DEFAULT 0
-)
-""",
-    """
-CREATE INDEX IF NOT EXISTS stalk_messages_due ON stalk_messages (queue, visible_at)
-""",
-    """
-CREATE TABLE IF NOT EXISTS stalk_queues (
-    name   TEXT PRIMARY KEY,
-    length INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID
-""",
-    """
-CREATE TABLE IF NOT EXISTS stalk_subscriptions (
-    topic      TEXT NOT NULL,
-    queue      TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (topic, queue)
-) WITHOUT ROWID
-""",
-    """
-CREATE TRIGGER IF NOT EXISTS stalk_count_insert AFTER INSERT ON stalk_messages BEGIN
-    INSERT INTO stalk_queues (name, length) VALUES (NEW.queue, 1)
-    ON CONFLICT (name) DO UPDATE SET length = length + 1;
-END
-""",
-    """
-CREATE TRIGGER IF NOT EXISTS stalk_count_delete AFTER DELETE ON stalk_messages BEGIN
-    UPDATE stalk_queues SET length = length - 1 WHERE name = OLD.queue;
-END
-""",
-    """
-CREATE TRIGGER IF NOT EXISTS stalk_count_move AFTER UPDATE OF queue ON stalk_messages
-WHEN OLD.queue <> NEW.queue BEGIN
-    UPDATE stalk_queues SET length = length - 1 WHERE name = OLD.queue;
-    INSERT INTO stalk_queues (name, length) VALUES (NEW.queue, 1)
-    ON CONFLICT (name) DO UPDATE SET length = length + 1;
-END
-""",
-)
-
-LEASE = """
-UPDATE stalk_messages
-SET visible_at = ?, attempts = attempts + 1, leased = 1, lease_token = lease_token + 1
-WHERE id IN (SELECT id FROM stalk_messages WHERE queue = ? AND visible_at <= ?
-             ORDER BY visible_at LIMIT ?)
-RETURNING id, body, attributes, attempts, enqueued_at, expires_at, lease_token
-"""
-INSERT = """
-INSERT INTO stalk_messages (queue, body, attributes, enqueued_at, visible_at, expires_at)
-VALUES (?, ?, ?, ?, ?, ?) RETURNING id
-"""
-DELETE = "DELETE FROM stalk_messages WHERE id = ? AND lease_token = ?"
-REQUEUE = """
-UPDATE stalk_messages SET visible_at = ?, leased = 0, lease_token = lease_token + 1,
-    attempts = attempts - ?, attributes = ?
-WHERE id = ? AND lease_token = ?
-"""
-EXTEND = "UPDATE stalk_messages SET visible_at = ? WHERE id = ? AND lease_token = ? AND leased = 1"
-MOVE = """
-UPDATE stalk_messages SET queue = ?, attributes = ?, attempts = 0, enqueued_at = ?,
-    visible_at = ?, expires_at = NULL, leased = 0, lease_token = lease_token + 1
-WHERE id = ? AND lease_token = ?
-"""
-COUNTS = """
-SELECT COALESCE(SUM(visible_at <= :now), 0),
-       COALESCE(SUM(visible_at > :now AND leased = 0), 0),
-       COALESCE(SUM(visible_at > :now AND leased = 1), 0),
-       MIN(CASE WHEN visible_at <= :now THEN enqueued_at END)
-FROM stalk_messages WHERE queue = :queue
-"""
-
 #: SQLite primary result codes that mean "another connection holds the lock: wait and retry".
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+#: Longest pause between two tries at a lock the busy handler did not wait for.
+_MAX_LOCK_PAUSE_S = 0.05
 
 
 def encode_attributes(attributes: Mapping[str, str] | None) -> str | None:
@@ -130,22 +41,30 @@ def encode_attributes(attributes: Mapping[str, str] | None) -> str | None:
 
 
 class LocalStore:
-    """One connection to a stalk file; every method is one transaction (or one read).
+    """One connection to a stalk file; each method is one transaction (or one read).
 
     Args:
         path: the database file; its directory is created 0700 and the file 0600 when missing.
         full_sync: publish with ``synchronous=FULL`` (survives power loss) rather than NORMAL.
         lock_timeout_s: how long to wait for another process's write lock before giving up.
+
+    Raises:
+        ConfigError: the path cannot be created or written, or is not a stalk file.
     """
 
     def __init__(self, path: Path, *, full_sync: bool, lock_timeout_s: float) -> None:
         self.path = path
         self.full_sync = full_sync
         self.lock_timeout_s = lock_timeout_s
-        self.conn = self._connect()
+        self._create_file()
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=lock_timeout_s)
+        try:
+            self._retry(self._prepare)
+        except BaseException:
+            self.conn.close()
+            raise
 
-    # ------------------------------------------------------------------ opening
-    def _connect(self) -> sqlite3.Connection:
+    def _create_file(self) -> None:
         path = self.path
         try:
             if not path.parent.exists():
@@ -160,45 +79,30 @@ class LocalStore:
             ) from None
         if path.is_dir():
             raise ConfigError(f"local backend path {path} is a directory; name a file in it")
-        conn = sqlite3.connect(path, isolation_level=None, timeout=self.lock_timeout_s)
-        try:
-            self._retry(lambda: self._prepare(conn))
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
-    def _prepare(self, conn: sqlite3.Connection) -> None:
+    def _prepare(self) -> None:
+        conn = self.conn
         conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = 67108864")
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            self._init_schema(conn)
-            conn.execute("COMMIT")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+        self.write(self._init_schema, retry=False)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == APPLICATION_ID:
+        if app_id == sql.APPLICATION_ID:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"{self.path} was written by a newer stalk (schema {version}); upgrade stalk"
-                )
+            if version > sql.SCHEMA_VERSION:
+                raise ConfigError(f"{self.path} was written by a newer stalk (schema {version})")
             return
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if app_id != 0 or tables:
+        if app_id != 0 or conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise ConfigError(
                 f"{self.path} is a SQLite database of another program, not a stalk file; "
                 "choose another --option path=..."
             )
-        for statement in SCHEMA:
+        for statement in sql.SCHEMA:
             conn.execute(statement)
-        conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the connection (the last one out checkpoints and removes the WAL)."""
@@ -214,20 +118,21 @@ class LocalStore:
         if code == 11:  # SQLITE_CORRUPT
             return BackendError(f"{where} is damaged ({exc}); move it aside or restore a backup")
         if code in (3, 8, 14):  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
-            return ConfigError(f"{where} cannot be written ({exc}); check the directory and "
-                               "file are writable by this user")
+            return ConfigError(f"{where} cannot be written ({exc}); check that the directory "
+                               "and the file are writable by this user")
         if code == 13:  # SQLITE_FULL
             return BackendError(f"{where}: disk full ({exc})")
         if code in _BUSY_CODES:
             return BackendUnavailable(f"{where} stayed locked by another process for "
-                                      f"{self.lock_timeout_s:.0f}s; is a process stuck?")
+                                      f"{self.lock_timeout_s:g}s; is a process stuck?")
         return BackendUnavailable(f"{where}: {exc}")
 
     def _retry(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, waiting out ``database is locked`` up to ``lock_timeout_s``.
 
-        SQLite's own busy handler covers most waits; a few busy cases skip it (WAL recovery by
-        another process, a stale snapshot), so this loop retries those too.
+        SQLite's busy handler covers most waits; a few busy cases skip it (WAL recovery by
+        another process, a stale snapshot), so this loop retries those too. ``fn`` must be one
+        whole transaction: a failed try left nothing behind.
         """
         deadline = time.monotonic() + self.lock_timeout_s
         pause = 0.001
@@ -239,12 +144,14 @@ class LocalStore:
                 if code not in _BUSY_CODES or time.monotonic() >= deadline:
                     raise self.translate(exc) from None
             time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 2, _MAX_LOCK_PAUSE_S)
 
-    def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+    def write(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False, retry: bool = True
+    ) -> T:
         """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction, retried while locked.
 
-        ``fn`` must have no effect outside the database: on a lock it runs again from scratch.
+        ``durable`` commits with fsync when the store is ``full_sync``.
         """
         conn = self.conn
         full = durable and self.full_sync
@@ -262,106 +169,123 @@ class LocalStore:
         if full:
             conn.execute("PRAGMA synchronous = FULL")
         try:
-            return self._retry(attempt)
+            return self._retry(attempt) if retry else attempt()
         finally:
             if full:
                 conn.execute("PRAGMA synchronous = NORMAL")
 
+    def _read(self, statement: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
+        """Run one read (its own snapshot; WAL readers never wait for writers)."""
+        return self._retry(lambda: self.conn.execute(statement, params).fetchall())
+
     # ------------------------------------------------------------------ consuming
-    def lease(
-        self, queue: str, limit: int, lease_s: float, error_queue: str
-    ) -> list[Message]:
-        """Lease up to ``limit`` due messages; route expired ones to ``error_queue`` instead."""
+    def lease(self, queue: str, limit: int, lease_s: float, error_queue: str) -> list[Message]:
+        """Lease up to ``limit`` due messages; move expired ones to ``error_queue`` instead.
 
-        def run(conn: sqlite3.Connection) -> list[Message]:
-            now = time.time()
-            rows = conn.execute(LEASE, (now + lease_s, queue, now, limit)).fetchall()
-            out: list[Message] = []
-            for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows:
-                message = Message(str(id_), body, json.loads(attrs) if attrs else {},
-                                  attempts, enqueued_at, queue, token)
-                if expires_at is not None and expires_at <= now:
-                    failure = Failure.build(message, "expired", "message_ttl_s elapsed before "
-                                            "it was delivered")
-                    self._move(conn, message, error_queue, failure, now)
-                else:
-                    out.append(message)
-            out.sort(key=lambda m: int(m.id))
-            return out
-
-        return self.write(run)
+        The lease is one ``UPDATE … RETURNING`` statement, so one implicit transaction.
+        """
+        now = time.time()
+        rows = self._read(sql.LEASE, (now + lease_s, queue, now, limit))
+        out: list[Message] = []
+        expired: list[Message] = []
+        for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows:
+            message = Message(str(id_), body, json.loads(attrs) if attrs else {},
+                              attempts, enqueued_at, queue, token)
+            if expires_at is not None and expires_at <= now:
+                expired.append(message)
+            else:
+                out.append(message)
+        if expired:
+            self.write(lambda conn: [self._move(conn, m, error_queue, Failure.build(
+                m, "expired", "message_ttl_s elapsed before it was handled"), now)
+                for m in expired])
+        out.sort(key=lambda m: int(m.id))
+        return out
 
     def ack(self, messages: Sequence[Message]) -> int:
-        """Delete the messages still leased by these deliveries; return how many were."""
-        params = [(int(m.id), m.receipt) for m in messages]
-        return self.write(lambda conn: conn.executemany(DELETE, params).rowcount)
+        """Delete the rows these deliveries still hold; return how many were deleted."""
+        by_queue: dict[str, list[tuple[int, Any]]] = {}
+        for m in messages:
+            by_queue.setdefault(m.source, []).append((int(m.id), m.receipt))
+
+        def run(conn: sqlite3.Connection) -> int:
+            total = 0
+            for queue, params in by_queue.items():
+                deleted = conn.executemany(sql.DELETE, params).rowcount
+                conn.execute(sql.COUNT, (queue, -deleted))
+                total += deleted
+            return total
+
+        return self.write(run)
 
     def requeue(self, message: Message, delay_s: float, counted: bool) -> bool:
         """Make a leased message due in ``delay_s``; uncount the delivery if not ``counted``."""
         params = (time.time() + delay_s, 0 if counted else 1,
                   encode_attributes(message.attributes), int(message.id), message.receipt)
-        return self.write(lambda conn: conn.execute(REQUEUE, params).rowcount) > 0
+        return self.write(lambda conn: conn.execute(sql.REQUEUE, params).rowcount) > 0
 
     def extend(self, message: Message, seconds: float) -> bool:
         """Push the lease of ``message`` to ``seconds`` from now, if it still holds it."""
         params = (time.time() + seconds, int(message.id), message.receipt)
-        return self.write(lambda conn: conn.execute(EXTEND, params).rowcount) > 0
+        return self.write(lambda conn: conn.execute(sql.EXTEND, params).rowcount) > 0
 
     def to_error(self, message: Message, error_queue: str, failure: Failure) -> bool:
-        """Move the leased row to ``error_queue`` (one transaction); copy it if the lease was lost.
+        """Move the leased row to ``error_queue``; copy it there if the lease was lost.
 
-        Returns True when the row moved, so the engine's following ack has nothing to delete.
+        Returns True when the row itself moved (the engine's following ack has nothing to do).
         """
-        return self.write(lambda conn: self._move(conn, message, error_queue, failure, time.time()))
+        return self.write(lambda conn: self._move(conn, message, error_queue, failure,
+                                                  time.time()))
 
     @staticmethod
     def _move(conn: sqlite3.Connection, message: Message, error_queue: str, failure: Failure,
               now: float) -> bool:
         attrs = encode_attributes({**message.attributes, **failure.to_attributes()})
-        moved = conn.execute(MOVE, (error_queue, attrs, now, now, int(message.id),
-                                    message.receipt)).rowcount > 0
-        if not moved:
-            conn.execute(INSERT, (error_queue, message.body, attrs, now, now, None)).fetchall()
+        moved = conn.execute(sql.MOVE, (error_queue, attrs, now, now, int(message.id),
+                                        message.receipt)).rowcount > 0
+        if moved:
+            conn.execute(sql.COUNT, (message.source, -1))
+        else:
+            conn.execute(sql.INSERT, (error_queue, message.body, attrs, now, now, None)).fetchall()
+        conn.execute(sql.COUNT, (error_queue, 1))
         return moved
 
     # ------------------------------------------------------------------ producing
     def insert(
         self,
-        queues: Sequence[str] | str,
+        queues: Sequence[str],
         bodies: Sequence[bytes],
         attributes: Mapping[str, str] | None,
         delay_s: float,
         ttl_s: float | None,
         max_length: int | None,
     ) -> list[str]:
-        """Insert each body into each of ``queues`` in one durable transaction.
+        """Insert every body into every queue (a topic's subscriptions) in one durable commit.
 
-        ``queues`` is one queue, or a topic's subscriptions (each gets its own copy). Returns the
-        ids of the copies in the first queue.
+        Returns the ids of the copies in the first queue.
 
         Raises:
             QueueFull: a queue would pass ``max_length``; nothing was inserted.
         """
-        names = [queues] if isinstance(queues, str) else list(queues)
         attrs = encode_attributes(attributes)
 
         def run(conn: sqlite3.Connection) -> list[str]:
             now = time.time()
-            if max_length is not None:
-                for name in names:
-                    row = conn.execute("SELECT length FROM stalk_queues WHERE name = ?",
-                                       (name,)).fetchone()
-                    if (row[0] if row else 0) + len(bodies) > max_length:
-                        raise QueueFull(f"queue {name!r} holds {row[0] if row else 0} messages; "
-                                        f"max_queue_length is {max_length}")
             expires = now + ttl_s if ttl_s is not None else None
             ids: list[str] = []
-            for i, name in enumerate(names):
+            for name in queues:
+                if max_length is not None:
+                    row = conn.execute(sql.LENGTH, (name,)).fetchone()
+                    held = row[0] if row else 0
+                    if held + len(bodies) > max_length:
+                        raise QueueFull(f"queue {name!r} holds {held} messages and "
+                                        f"max_queue_length is {max_length}; nothing was published")
                 for body in bodies:
-                    row = conn.execute(INSERT, (name, body, attrs, now, now + delay_s,
-                                                expires)).fetchone()
-                    if i == 0:
+                    row = conn.execute(sql.INSERT, (name, body, attrs, now, now + delay_s,
+                                                    expires)).fetchone()
+                    if name == queues[0]:
                         ids.append(str(row[0]))
+                conn.execute(sql.COUNT, (name, len(bodies)))
             return ids
 
         return self.write(run, durable=True)
@@ -369,46 +293,25 @@ class LocalStore:
     # ------------------------------------------------------------------ topics and counts
     def subscribe(self, topic: str, queue: str) -> None:
         """Make ``queue`` receive a copy of every later publish to ``topic``. Idempotent."""
-        self.write(lambda conn: conn.execute(
-            "INSERT OR IGNORE INTO stalk_subscriptions VALUES (?, ?, ?)",
-            (topic, queue, time.time())), durable=True)
+        self.write(lambda c: c.execute(sql.SUBSCRIBE, (topic, queue, time.time())), durable=True)
 
     def unsubscribe(self, topic: str, queue: str) -> None:
-        """Stop copying ``topic`` into ``queue``; what it holds stays. Idempotent."""
-        self.write(lambda conn: conn.execute(
-            "DELETE FROM stalk_subscriptions WHERE topic = ? AND queue = ?", (topic, queue)),
-            durable=True)
+        """Stop copying ``topic`` into ``queue``; what the queue holds stays. Idempotent."""
+        self.write(lambda c: c.execute(sql.UNSUBSCRIBE, (topic, queue)), durable=True)
 
     def subscriptions(self, topic: str) -> list[str]:
         """Return the queues subscribed to ``topic``, oldest first."""
-        return [r[0] for r in self._read(
-            "SELECT queue FROM stalk_subscriptions WHERE topic = ? ORDER BY created_at, queue",
-            (topic,))]
-
-    def subscribed_queues(self, topic: str) -> list[str]:
-        """Return the subscriptions of ``topic``, or raise when there are none (nowhere to go)."""
-        queues = self.subscriptions(topic)
-        if not queues:
-            raise QueueNotFound(
-                f"topic {topic!r} has no subscriptions, so a publish would go nowhere; start a "
-                f"consumer with --option topic={topic} --source SUBSCRIPTION first"
-            )
-        return queues
+        return [row[0] for row in self._read(sql.SUBSCRIPTIONS, (topic,))]
 
     def backlog(self, queue: str, error_queue: str | None) -> Backlog:
         """Count ready, delayed and leased messages of ``queue`` and the depth of its errors."""
         now = time.time()
-        rows = self._read(COUNTS, {"now": now, "queue": queue})
-        ready, delayed, in_flight, oldest = rows[0]
+        ready, delayed, in_flight, oldest = self._read(sql.BACKLOG, {"now": now, "queue": queue})[0]
         errors = self.length(error_queue) if error_queue else None
-        return Backlog(ready, delayed, in_flight, errors,
-                       max(0.0, now - oldest) if oldest is not None else None)
+        age = max(0.0, now - oldest) if oldest is not None else None
+        return Backlog(ready, delayed, in_flight, errors, age)
 
     def length(self, queue: str) -> int:
-        """Return how many messages ``queue`` holds in all states (kept by triggers: O(1))."""
-        rows = self._read("SELECT length FROM stalk_queues WHERE name = ?", (queue,))
+        """Return how many messages ``queue`` holds in every state (a counter: O(1))."""
+        rows = self._read(sql.LENGTH, (queue,))
         return int(rows[0][0]) if rows else 0
-
-    def _read(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> list[Any]:
-        """Run one read (its own snapshot; never blocked by writers in WAL mode)."""
-        return self._retry(lambda: self.conn.execute(sql, params).fetchall())

@@ -15,11 +15,9 @@ Options (``--option KEY=VALUE`` or ``STALK_LOCAL_<KEY>``): ``path``, ``durabilit
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -27,6 +25,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from stalk.collectors._local_store import LocalStore
+from stalk.collectors._local_thread import DatabaseThread
 from stalk.collectors.base import (
     AdapterFeatures,
     AdapterSettings,
@@ -34,7 +33,7 @@ from stalk.collectors.base import (
     PollingAdapter,
     build_settings,
 )
-from stalk.errors import ConfigError, MessageTooLarge
+from stalk.errors import ConfigError, MessageTooLarge, QueueNotFound
 from stalk.message import Failure, Message
 
 logger = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class LocalAdapter(PollingAdapter):
         self.settings = settings if settings is not None else LocalSettings()
         self.path = Path(self.settings.path).expanduser()
         self._store: LocalStore | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: DatabaseThread | None = None
 
     @classmethod
     def from_options(
@@ -141,7 +140,7 @@ class LocalAdapter(PollingAdapter):
         """Run ``fn(*args)`` on the database thread: the one hop a batch costs."""
         if self._thread is None:
             raise ConfigError(f"{self.describe()} used before open()")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await self._thread.call(fn, *args)
 
     @property
     def store(self) -> LocalStore:
@@ -173,7 +172,7 @@ class LocalAdapter(PollingAdapter):
             check_name(self.settings.topic, "topic")
         if self._thread is not None:
             return
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="stalk-local")
+        self._thread = DatabaseThread(f"stalk-local-{self._source}")
         settings = self.settings
 
         def connect() -> None:
@@ -195,8 +194,8 @@ class LocalAdapter(PollingAdapter):
             return
         store, self._store = self._store, None
         if store is not None:
-            await asyncio.get_running_loop().run_in_executor(thread, store.close)
-        thread.shutdown(wait=False)
+            await thread.call(store.close)
+        thread.stop()
 
     # ------------------------------------------------------------------ consuming
     async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
@@ -282,11 +281,21 @@ class LocalAdapter(PollingAdapter):
         topic, store = self.settings.topic, self.store
 
         def run() -> list[str]:
-            queues = store.subscribed_queues(topic) if topic is not None else self._source
+            queues = self._subscribed(store, topic) if topic is not None else [self._source]
             return store.insert(queues, bodies, attributes, max(0.0, delay_s),
                                 self.settings.message_ttl_s, self.settings.max_queue_length)
 
         return await self._call(run)
+
+    @staticmethod
+    def _subscribed(store: LocalStore, topic: str) -> list[str]:
+        queues = store.subscriptions(topic)
+        if not queues:
+            raise QueueNotFound(
+                f"topic {topic!r} has no subscriptions, so a publish would go nowhere; start a "
+                f"consumer with --option topic={topic} --source SUBSCRIPTION first"
+            )
+        return queues
 
     # ------------------------------------------------------------------ counts and topics
     async def backlog(self) -> Backlog:
