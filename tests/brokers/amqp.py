@@ -1,0 +1,111 @@
+"""RabbitMQ for the amqp tests (a pytest plugin loaded by tests/conftest.py).
+
+``amqp_url`` checks once per session that the broker answers on loopback; when it does not, the
+tests skip loudly outside CI and fail in CI (``CI=true``). ``AMQPHarness`` builds adapters for
+the conformance suite and deletes the queues a test created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from stalk.testing import AdapterHarness, require_broker
+
+#: Where the tests look for RabbitMQ; scripts/start-rabbitmq.sh starts one there.
+AMQP_URL = os.environ.get("STALK_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def _probe(url: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=5)
+    await connection.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """Return the URL of a RabbitMQ that answers, or skip (fail in CI) saying how to start one."""
+    try:
+        import aio_pika  # noqa: F401
+    except ImportError:
+        require_broker("amqp", "aio-pika is not installed: pip install 'stalk[amqp]'")
+    try:
+        asyncio.run(_probe(AMQP_URL))
+    except Exception as exc:
+        from stalk.collectors._amqp_topology import safe_url
+
+        require_broker(
+            "amqp",
+            f"RabbitMQ not reachable at {safe_url(AMQP_URL)} ({exc or type(exc).__name__}); "
+            "start it with scripts/start-rabbitmq.sh",
+        )
+    return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def rabbitmqctl(amqp_url: str) -> str:
+    """Return the rabbitmqctl path when this user may control the node (restart tests)."""
+    path = shutil.which("rabbitmqctl")
+    ok = path is not None and subprocess.run(
+        [path, "-q", "ping"], capture_output=True, timeout=60, check=False
+    ).returncode == 0
+    if not ok or path is None:
+        require_broker("amqp", "rabbitmqctl cannot reach the node (run the tests as root in CI)")
+    return path
+
+
+class AMQPHarness(AdapterHarness):
+    """The amqp adapter against the test broker; remembers queues to delete afterwards."""
+
+    patience_s = 30.0
+
+    def __init__(self, url: str, **settings: Any) -> None:
+        self.url = url
+        self.settings = settings
+        self.queues: list[str] = []
+
+    def make_adapter(self, source: str, error_topic: str) -> Any:
+        from stalk.collectors.amqp import AMQPAdapter, AMQPSettings
+
+        self.queues += [source, error_topic]
+        settings = AMQPSettings(url=self.url, **self.settings)
+        return AMQPAdapter(source, error_topic=error_topic, settings=settings)
+
+    def new_names(self) -> tuple[str, str]:
+        source = f"stalk-test-{uuid.uuid4().hex[:12]}"
+        return source, f"{source}-errors"
+
+    def cleanup(self) -> None:
+        """Delete every queue this harness's adapters used (delay buckets expire by themselves)."""
+        names = sorted(set(self.queues))
+        if names:
+            asyncio.run(delete_queues(self.url, names))
+
+
+async def delete_queues(url: str, names: list[str]) -> None:
+    """Delete queues by name, ignoring ones already gone."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=5)
+    try:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def amqp_harness(amqp_url: str) -> Iterator[AMQPHarness]:
+    """An :class:`AMQPHarness` on classic queues, cleaned up after the test."""
+    harness = AMQPHarness(amqp_url)
+    yield harness
+    harness.cleanup()
