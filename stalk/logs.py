@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Literal
+
+from stalk.message import Message
+from stalk.policy import Ack, Action
 
 #: Record attributes that are the logging module's own, not context passed in ``extra=``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -16,9 +21,76 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
 
 
+#: ``password=x``, ``aws_secret_access_key: x``, ``"SecretAccessKey": "x"``, ``token=x``: the
+#: value goes, the key stays so a reader still sees what was there.
+_KEY_VALUE = re.compile(
+    r"(?i)(?P<head>\b[\w-]*(?:secret|passw(?:or)?d|token|credential|api[_-]?key)[\w-]*"
+    r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"',;&}]+)"
+)
+
+#: Environment variables whose values are secrets wherever they turn up (an SDK's error text).
+_SECRET_ENV = re.compile(r"(?i)(secret|passw(or)?d|token|credentials?|private_key|api_key)")
+
+#: Shortest environment value treated as a secret: shorter ones ("1", "true") are settings.
+MIN_SECRET_CHARS = 8
+
+
+_secrets: list[str] | None = None
+
+
+def refresh_secrets() -> list[str]:
+    """Re-read which environment values are secrets (done by :func:`configure`; cached)."""
+    global _secrets
+    values = {
+        value
+        for name, value in os.environ.items()
+        if _SECRET_ENV.search(name) and len(value) >= MIN_SECRET_CHARS
+    }
+    _secrets = sorted(values, key=len, reverse=True)
+    return _secrets
+
+
 def redact(text: str) -> str:
-    """Hide passwords inside URLs."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
+    """Hide credentials: URL passwords, ``key=value`` secrets, secret environment values."""
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    text = _KEY_VALUE.sub(r"\g<head>***", text)
+    for value in _secrets if _secrets is not None else refresh_secrets():
+        if value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+#: Logger of the one-line-per-message outcomes (acks at DEBUG; the engine logs retries at INFO
+#: and error-topic routes at WARNING with the same fields).
+OUTCOME_LOGGER = "stalk.outcome"
+
+
+def outcome_logger(backend: str) -> Callable[[Message, Action, float], None] | None:
+    """Return an ``on_outcome`` observer that logs each ack, or None while DEBUG is off there.
+
+    Installing nothing when the level is off keeps the engine's hot path free of it.
+    """
+    log = logging.getLogger(OUTCOME_LOGGER)
+    if not log.isEnabledFor(logging.DEBUG):
+        return None
+
+    def observe(message: Message, action: Action, seconds: float) -> None:
+        if isinstance(action, Ack) and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "message %s acked after %.1f ms",
+                message.id,
+                seconds * 1000,
+                extra={
+                    "message_id": message.id,
+                    "backend": backend,
+                    "source": message.source,
+                    "attempt": message.attempt,
+                    "outcome": "ack",
+                    "duration_s": round(seconds, 6),
+                },
+            )
+
+    return observe
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,7 +105,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                payload[key] = value if isinstance(value, int | float | bool) else redact(str(value))
+                payload[key] = (
+                    value if isinstance(value, int | float | bool) else redact(str(value))
+                )
         if record.exc_info:
             payload["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(payload, default=str)
@@ -52,6 +126,7 @@ class TextFormatter(logging.Formatter):
 
 def configure(fmt: Literal["text", "json"] = "text", level: str = "INFO") -> None:
     """Send stalk's logs to stderr in the chosen format."""
+    refresh_secrets()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
