@@ -88,6 +88,9 @@ class AsyncExecutor(Executor):
         self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._alive = 0
+        #: message -> the worker task running it, so the watchdog can cancel an overrun.
+        self._working: dict[Message, asyncio.Task[None]] = {}
+        self._expired: set[Message] = set()
 
     def start(self) -> None:
         self.resize(self.size)
@@ -120,34 +123,48 @@ class AsyncExecutor(Executor):
         return taken
 
     async def _work(self) -> None:
-        handler, timeout_s, queue_ = self.handler, self.timeout_s, self._queue
+        handler, queue_, running, working = self.handler, self._queue, self.running, self._working
         func, wants_message = handler.func, handler.wants_message
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             message = await queue_.get()
             if message is None:
                 return
             start = time.perf_counter()
-            self.running[message] = time.monotonic()
+            running[message] = time.monotonic()
+            working[message] = task
             try:
                 call = func(message.body, message) if wants_message else func(message.body)
-                if timeout_s is None:
-                    value = await call
-                else:
-                    async with asyncio.timeout(timeout_s):
-                        value = await call
-                result = to_result(value, handler.name)
-            except TimeoutError as exc:
-                result = (
-                    timeout_result(handler, timeout_s)
-                    if timeout_s is not None
-                    else from_exception(exc, self.fatal_types)
-                )
+                result = to_result(await call, handler.name)
             except asyncio.CancelledError:
-                raise
+                if message not in self._expired:
+                    raise  # shutdown, not our watchdog
+                result = self._timed_out(message, task)
             except BaseException as exc:  # a handler's SystemExit must not kill the worker
                 result = from_exception(exc, self.fatal_types)
-            if self.running.pop(message, None) is not None:
+            del working[message]
+            if message in self._expired:  # the handler swallowed the watchdog's cancel
+                result = self._timed_out(message, task)
+            if running.pop(message, None) is not None:
                 self.on_done(message, result, time.perf_counter() - start)
+
+    def _timed_out(self, message: Message, task: asyncio.Task[None]) -> Result:
+        self._expired.discard(message)
+        task.uncancel()
+        assert self.timeout_s is not None
+        return timeout_result(self.handler, self.timeout_s)
+
+    def expire(self, now: float) -> None:
+        """Cancel handlers over the timeout from the watchdog: no per-message timer to arm."""
+        if self.timeout_s is None:
+            return
+        limit = now - self.timeout_s
+        for message, started in list(self.running.items()):
+            task = self._working.get(message)
+            if started <= limit and task is not None and message not in self._expired:
+                self._expired.add(message)
+                task.cancel()
 
     async def shutdown(self) -> None:
         for task in list(self._tasks):
