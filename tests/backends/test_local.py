@@ -25,7 +25,9 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def opened(path: Path, source: str = "q", lease_s: float = 30.0, **settings: Any) -> LocalAdapter:
+async def opened(
+    path: Path, source: str = "q", lease_s: float = 30.0, **settings: Any
+) -> LocalAdapter:
     adapter = LocalAdapter(source, settings=LocalSettings(path=str(path), **settings))
     adapter.bind(source, None, lease_s)
     await adapter.open()
@@ -253,7 +255,7 @@ def test_bad_queue_name_is_a_clear_error(db: Path, name: str) -> None:
     async def scenario() -> None:
         adapter = LocalAdapter(name or None, settings=LocalSettings(path=str(db)))
         adapter.source = name
-        with pytest.raises(ConfigError, match="not a valid name|needs a source") as info:
+        with pytest.raises(ConfigError, match=r"not a valid name|needs a source") as info:
             await adapter.open()
         assert len(str(info.value)) < 300, "the error repeats 10 kB of junk"
 
@@ -299,7 +301,7 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_read_only_directory_is_a_clear_error(read_only_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot create .*writable location"):
+    with pytest.raises(ConfigError, match=r"cannot create .*writable location"):
         run(opened(read_only_dir / "stalk.db"))
     with pytest.raises(ConfigError, match="cannot create"):
         run(opened(read_only_dir / "deeper" / "stalk.db"))
@@ -316,7 +318,7 @@ def test_existing_file_in_read_only_directory_is_a_clear_error(tmp_path: Path) -
     else:
         directory.chmod(0o555)
     try:
-        with pytest.raises(ConfigError, match="cannot be written|writable"):
+        with pytest.raises(ConfigError, match=r"cannot be written|writable"):
             run(opened(directory / "stalk.db"))
     finally:
         if os.geteuid() == 0:
