@@ -80,6 +80,7 @@ class BaseCollector:
         self._last_intake = time.monotonic()
         self.stop_now = False
         self._poll_task: asyncio.Task[Any] | None = None
+        self._push_started = False
         #: Optional observer of each handled message, called on the loop as
         #: ``(message, action, handler_seconds)`` once the policy decided and before settling
         #: (outcome logs, tests). Left ``None`` it costs the hot path one attribute check.
@@ -150,13 +151,20 @@ class BaseCollector:
         """
         if self._loop is not None:
             return
-        self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        if self.state == "stopped":  # stop() came before start(): nothing to run
+            self._stopped.set()
+            return
         self._awake = asyncio.Event()
         self._slot_free = asyncio.Event()
         opts = self.options
         self.adapter.bind(opts.source, opts.error_topic, opts.visibility_timeout_s)
         await self.adapter.open()
+        if self._draining():  # stop() arrived while the broker connection opened
+            await self.adapter.close()
+            self._stopped.set()
+            return
+        self._loop = asyncio.get_running_loop()
         self.healthy, self.health_reason = True, "ok"
         executor_cls = AsyncExecutor if self.handler.is_async else ThreadExecutor
         self._executor = executor_cls(
@@ -165,9 +173,8 @@ class BaseCollector:
         self._executor.start()
         self._spawn(self._housekeeping(), "stalk-housekeeping")
         if isinstance(self.adapter, PushAdapter):
-            await self.adapter.start(self._accept_one, self.concurrency)
-            if not self._want_awake:
-                await self.adapter.pause()
+            if self._want_awake:  # else the first wake() starts delivery: asleep takes nothing
+                await self._start_push()
             if self._until_empty:
                 self._spawn(self._watch_push_idle(), "stalk-until-empty")
         else:
@@ -209,8 +216,15 @@ class BaseCollector:
         self.state = "awake"
         self._awake.set()
         if isinstance(self.adapter, PushAdapter):
-            self._spawn(self.adapter.resume(), "stalk-resume")
+            resume = self.adapter.resume() if self._push_started else self._start_push()
+            self._spawn(resume, "stalk-resume")
         logger.info("collector awake on %s", self.adapter.describe())
+
+    async def _start_push(self) -> None:
+        assert isinstance(self.adapter, PushAdapter)
+        if not self._push_started:
+            self._push_started = True
+            await self.adapter.start(self._accept_one, self.concurrency)
 
     def _apply_sleep(self) -> None:
         if self.state != "awake":

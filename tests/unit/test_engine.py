@@ -231,3 +231,28 @@ def test_engine_handler_raising_system_exit_keeps_worker() -> None:
         await c.stop()
 
     run(scenario())
+
+
+def test_engine_stop_before_start_returns_at_once() -> None:
+    c = BaseCollector(MemoryAdapter("q"), lambda body: None, options())
+    c.stop().result(timeout=5)
+    c.run()  # must not block: it was stopped before it started
+    assert c.state == "stopped"
+
+
+def test_engine_push_adapter_asleep_takes_nothing() -> None:
+    from stalk.collectors.memory import MemoryPushAdapter
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        broker.put("q", b"x", {}, 0)
+        rec = Recorder()
+        c = BaseCollector(MemoryPushAdapter("q", broker=broker), rec, options())
+        await c.start()
+        await asyncio.sleep(0.3)
+        assert rec.bodies() == [] and broker.backlog("q", None).in_flight == 0
+        c.wake()
+        await wait_for(lambda: rec.done == [b"x"], 10, "delivery after wake")
+        await c.stop()
+
+    run(scenario())
