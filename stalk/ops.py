@@ -1,0 +1,258 @@
+"""Everything ``stalk run`` does around one collector: control server, backlog gauge, autoscaler,
+progress line, outcome log, and the worker side of ``--processes`` (recycling, reporting).
+
+Each piece is a background task on the collector's loop that reads counters the engine keeps
+anyway; the only per-message hook (``on_outcome``) is installed when something needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from stalk.autoscale import Autoscaler, AutoscaleSettings, parse_bounds
+from stalk.collector import BaseCollector
+from stalk.errors import ConfigError
+from stalk.http import CollectorControl, ControlServer
+from stalk.logs import outcome_logger
+from stalk.message import Message
+from stalk.metrics import Snapshot
+from stalk.policy import Action
+from stalk.progress import Progress, wanted
+
+logger = logging.getLogger(__name__)
+
+#: Exit code of a worker that stopped to be replaced (max messages or memory reached).
+EXIT_RECYCLE = 3
+#: Environment a supervisor gives each worker process: its index, the pipe it reports on, its pid.
+ENV_WORKER_ID = "STALK_WORKER_ID"
+ENV_REPORT_FD = "STALK_REPORT_FD"
+ENV_SUPERVISOR_PID = "STALK_SUPERVISOR_PID"
+#: Seconds between backlog polls (the gauge), and between recycling/parent checks.
+BACKLOG_POLL_S = 5.0
+AUTOSCALE_BACKLOG_POLL_S = 1.0
+WATCH_S = 0.5
+
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Parse ``512M``, ``2G``, ``800K`` or a plain number of MiB into bytes.
+
+    Raises:
+        ConfigError: not a size.
+    """
+    match = _SIZE.match(text)
+    if match is None:
+        raise ConfigError(f"--max-memory-per-child expects a size like 512M or 2G; got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).lower() or "m"
+    return int(number * 1024 ** {"k": 1, "m": 2, "g": 3}[unit])
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the operations flags to ``stalk run``."""
+    parser.add_argument("--http-port", type=int, default=None, help="serve /healthz, /metrics...")
+    parser.add_argument("--http-host", default="127.0.0.1", help="default: 127.0.0.1")
+    parser.add_argument("--autoscale", default=None, metavar="MIN:MAX")
+    parser.add_argument("--processes", type=int, default=1, help="supervised worker processes")
+    parser.add_argument("--max-messages-per-child", type=int, default=None, metavar="N")
+    parser.add_argument("--max-memory-per-child", default=None, metavar="SIZE")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
+
+
+@dataclass(frozen=True, slots=True)
+class OpsConfig:
+    """The operations choices of one ``stalk run``."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    autoscale: tuple[int, int] | None = None
+    processes: int = 1
+    max_messages: int | None = None
+    max_memory_bytes: int | None = None
+    quiet: bool = False
+    #: Set in a worker process started by a supervisor.
+    worker_id: int | None = None
+    report_fd: int | None = None
+    supervisor_pid: int | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OpsConfig:
+        """Read the flags (and, in a worker process, the supervisor's environment).
+
+        Raises:
+            ConfigError: a value out of range.
+        """
+        if args.processes < 1:
+            raise ConfigError(f"--processes must be >= 1, got {args.processes}")
+        if args.max_messages_per_child is not None and args.max_messages_per_child < 1:
+            raise ConfigError("--max-messages-per-child must be >= 1")
+        worker = os.environ.get(ENV_WORKER_ID)
+        return cls(
+            http_host=args.http_host,
+            http_port=args.http_port,
+            autoscale=parse_bounds(args.autoscale) if args.autoscale else None,
+            processes=args.processes,
+            max_messages=args.max_messages_per_child,
+            max_memory_bytes=(
+                parse_size(args.max_memory_per_child) if args.max_memory_per_child else None
+            ),
+            quiet=args.quiet,
+            worker_id=int(worker) if worker is not None else None,
+            report_fd=int(os.environ[ENV_REPORT_FD]) if ENV_REPORT_FD in os.environ else None,
+            supervisor_pid=(
+                int(os.environ[ENV_SUPERVISOR_PID]) if ENV_SUPERVISOR_PID in os.environ else None
+            ),
+        )
+
+    @property
+    def supervise(self) -> bool:
+        """True when this process should start workers rather than consume itself."""
+        recycles = self.max_messages is not None or self.max_memory_bytes is not None
+        return self.worker_id is None and (self.processes > 1 or recycles)
+
+
+def rss_bytes() -> int | None:
+    """Return this process's resident memory (Linux /proc; elsewhere the peak from getrusage)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+async def poll_backlog(collector: BaseCollector, interval_s: float) -> None:
+    """Keep ``collector.stats.backlog`` fresh for the gauge and the autoscaler."""
+    adapter = collector.adapter
+    while adapter.features.backlog and collector.state not in ("draining", "stopped"):
+        try:
+            collector.stats.backlog = await asyncio.wait_for(adapter.backlog(), interval_s * 2)
+        except Exception as exc:
+            logger.debug("backlog of %s unavailable: %s", adapter.describe(), exc)
+        await asyncio.sleep(interval_s)
+
+
+class Operations:
+    """The background tasks around one collector; :meth:`run` returns the exit code."""
+
+    def __init__(self, collector: BaseCollector, config: OpsConfig) -> None:
+        self.collector = collector
+        self.config = config
+        self.exit_code = 0
+        self.recycle_reason: str | None = None
+        self.autoscaler: Autoscaler | None = None
+        if config.autoscale is not None:
+            low, high = config.autoscale
+            self.autoscaler = Autoscaler(collector, AutoscaleSettings(low, high))
+            collector.scale(self.autoscaler.settings.clamp(collector.concurrency))
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def _observers(self) -> Callable[[Message, Action, float], None] | None:
+        found = [outcome_logger(self.collector.adapter.name)]
+        if self.autoscaler is not None and not self.collector.adapter.features.backlog:
+            found.append(self.autoscaler.observe)
+        hooks = [hook for hook in found if hook is not None]
+        if len(hooks) <= 1:
+            return hooks[0] if hooks else None
+
+        def both(message: Message, action: Action, seconds: float) -> None:
+            for hook in hooks:
+                hook(message, action, seconds)
+
+        return both
+
+    def status_extras(self) -> dict[str, Any]:
+        """Fields ``/status`` adds to the collector's own."""
+        extras: dict[str, Any] = {"pid": os.getpid()}
+        if self.autoscaler is not None:
+            extras.update(self.autoscaler.status())
+        if self.config.worker_id is not None:
+            extras["worker"] = self.config.worker_id
+        return extras
+
+    async def _watch(self) -> None:
+        """Recycle on the message or memory limit; stop if the supervisor died."""
+        config, stats = self.config, self.collector.stats
+        while self.collector.state not in ("draining", "stopped"):
+            await asyncio.sleep(WATCH_S)
+            reason = None
+            if config.max_messages is not None and stats.handled >= config.max_messages:
+                reason = f"handled {stats.handled} messages (limit {config.max_messages})"
+            rss = rss_bytes() if config.max_memory_bytes is not None else None
+            if rss is not None and config.max_memory_bytes and rss > config.max_memory_bytes:
+                reason = f"resident memory {rss >> 20} MiB over {config.max_memory_bytes >> 20} MiB"
+            if config.supervisor_pid is not None and os.getppid() != config.supervisor_pid:
+                logger.warning("supervisor %d is gone; stopping", config.supervisor_pid)
+                self.collector.stop()
+                return
+            if reason is not None:
+                logger.info("worker recycling: %s", reason)
+                self.recycle_reason, self.exit_code = reason, EXIT_RECYCLE
+                self.collector.stop()
+                return
+
+    def _report(self, line: str) -> None:
+        if self.config.report_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.config.report_fd, (line + "\n").encode())
+
+    async def _report_port(self, server: ControlServer | None) -> None:
+        while self.collector.state == "asleep":  # signals are installed before wake()
+            await asyncio.sleep(0.02)
+        self._report(f"port {server.port if server is not None else 0}")
+
+    def _spawn(self, coro: Any) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+
+    async def run(self, *, until_empty: bool = False) -> int:
+        """Start the collector and its companions; return once it stopped, with the exit code."""
+        collector, config = self.collector, self.config
+        collector.on_outcome = self._observers()
+        await collector.start()
+        server: ControlServer | None = None
+        port = 0 if config.worker_id is not None else config.http_port
+        if port is not None:
+            host = "127.0.0.1" if config.worker_id is not None else config.http_host
+            server = ControlServer(CollectorControl(collector, self.status_extras), host, port)
+            if not await server.start():
+                server = None
+        interval = AUTOSCALE_BACKLOG_POLL_S if self.autoscaler else BACKLOG_POLL_S
+        self._spawn(poll_backlog(collector, interval))
+        self._spawn(self._watch())
+        if self.autoscaler is not None:
+            self._spawn(self.autoscaler.run())
+        if config.report_fd is not None:
+            self._spawn(self._report_port(server))
+        if config.worker_id is None and wanted(sys.stderr, config.quiet):
+            self._spawn(Progress(lambda: Snapshot.of(collector)).run())
+        try:
+            await collector.serve(until_empty=until_empty, install_signals=True)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if server is not None:
+                await server.close()
+            self._report(f"final {json.dumps(collector.stats.to_state())}")
+        return self.exit_code
+
+
+def run(collector: BaseCollector, config: OpsConfig, *, until_empty: bool = False) -> int:
+    """Run ``collector`` with its operations until stopped; return the process exit code."""
+    return asyncio.run(Operations(collector, config).run(until_empty=until_empty))
