@@ -1,0 +1,176 @@
+"""The local backend beside persist-queue and litequeue, same machine, same run.
+
+Usage: ``python -m benchmarks.local [--messages N] [--repeat R]``
+(needs the ``bench`` extra: ``pip install persist-queue litequeue``; a missing one is skipped).
+
+Rows:
+- ``local`` through stalk: publish one message per call (one commit each) and 1,000 per
+  ``publish_batch`` commit; drain = :class:`stalk.BaseCollector` with a no-op handler and
+  ``serve(until_empty=True)``, at each durability and concurrency.
+- ``local raw loop``: the adapter alone, lease 100 + ack 100 per round, no engine: the ceiling
+  the engine works under.
+- persist-queue ``SQLiteAckQueue`` and ``litequeue``: their own loop (``put``; ``get``+``ack`` /
+  ``pop``+``done``), one message at a time, in-process, with their default settings.
+Bodies are 100 bytes. Each figure is the median of ``--repeat`` runs on a fresh file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from stalk import BaseCollector, CollectorOptions
+from stalk.collectors.local import LocalAdapter, LocalSettings
+
+BODY = b"x" * 100
+#: Bodies per ``publish_batch`` commit.
+BATCH = 1000
+
+
+def sync_noop(body: bytes) -> None:
+    return None
+
+
+async def async_noop(body: bytes) -> None:
+    return None
+
+
+async def _opened(path: Path, durability: str) -> LocalAdapter:
+    adapter = LocalAdapter("bench", settings=LocalSettings(path=str(path), durability=durability,
+                                                           max_queue_length=None))
+    adapter.bind("bench", None)
+    await adapter.open()
+    return adapter
+
+
+def local_publish(path: Path, durability: str, n: int, batch: int) -> float:
+    """Return publish msg/s: ``n`` bodies, ``batch`` per commit."""
+
+    async def go() -> float:
+        adapter = await _opened(path, durability)
+        start = time.perf_counter()
+        for _ in range(0, n, batch):
+            await adapter.publish_batch([BODY] * batch)
+        elapsed = time.perf_counter() - start
+        await adapter.close()
+        return n / elapsed
+
+    return asyncio.run(go())
+
+
+def local_drain(path: Path, durability: str, n: int, concurrency: int,
+                handler: Callable[[bytes], object]) -> float:
+    """Return drain msg/s of stalk over ``n`` queued messages."""
+    local_publish(path, durability, n, BATCH)
+    options = CollectorOptions(concurrency=concurrency, batch_size=max(10, concurrency),
+                               polling_period_s=0.001, max_polling_period_s=0.01)
+    adapter = LocalAdapter("bench", settings=LocalSettings(path=str(path), durability=durability))
+    collector = BaseCollector(adapter, handler, options)
+    start = time.perf_counter()
+    asyncio.run(collector.serve(until_empty=True))
+    elapsed = time.perf_counter() - start
+    assert collector.stats.acked == n, collector.stats
+    return n / elapsed
+
+
+def local_raw(path: Path, n: int, batch: int = 100) -> float:
+    """Return msg/s of the adapter alone: lease ``batch``, ack ``batch``, no engine."""
+    local_publish(path, "normal", n, BATCH)
+
+    async def go() -> float:
+        adapter = await _opened(path, "normal")
+        start = time.perf_counter()
+        while messages := await adapter.get_messages(batch, 0):
+            await adapter.ack(messages)
+        elapsed = time.perf_counter() - start
+        await adapter.close()
+        return n / elapsed
+
+    return asyncio.run(go())
+
+
+def persist_queue(path: Path, n: int) -> tuple[float, float]:
+    """Return (put msg/s, get+ack msg/s) of persist-queue's SQLiteAckQueue with its defaults."""
+    import persistqueue
+
+    queue = persistqueue.SQLiteAckQueue(str(path))
+    start = time.perf_counter()
+    for _ in range(n):
+        queue.put(BODY)
+    put = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(n):
+        queue.ack(queue.get(block=False))
+    return put, n / (time.perf_counter() - start)
+
+
+def litequeue_(path: Path, n: int) -> tuple[float, float]:
+    """Return (put msg/s, pop+done msg/s) of litequeue with its defaults."""
+    import litequeue
+
+    queue = litequeue.LiteQueue(str(path))
+    text = BODY.decode()
+    start = time.perf_counter()
+    for _ in range(n):
+        queue.put(text)
+    put = n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(n):
+        message = queue.pop()
+        queue.done(message.message_id)
+    return put, n / (time.perf_counter() - start)
+
+
+def median(repeat: int, measure: Callable[[Path], float]) -> float:
+    """Return the median of ``repeat`` measurements, each on a fresh file."""
+    values = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            values.append(measure(Path(tmp) / "bench.db"))
+    return statistics.median(values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000, help="drained per run")
+    parser.add_argument("--single", type=int, default=2_000, help="published one per commit")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    n, single, r = args.messages, args.single, args.repeat
+    print(f"{n} messages drained, {single} published one per call, 100-byte bodies, "
+          f"median of {r} runs\n")
+    print("| system | durability | handler | concurrency | publish msg/s (1 per commit) "
+          f"| publish msg/s ({BATCH} per commit) | drain msg/s |")
+    print("|---|---|---|---|---|---|---|")
+    for durability in ("full", "normal"):
+        one = median(r, lambda p, d=durability: local_publish(p, d, single, 1))
+        many = median(r, lambda p, d=durability: local_publish(p, d, n, BATCH))
+        for handler in (sync_noop, async_noop):
+            kind = "sync" if handler is sync_noop else "async"
+            for concurrency in (1, 8, 64):
+                drain = median(r, lambda p, d=durability, c=concurrency, h=handler:
+                               local_drain(p, d, n, c, h))
+                print(f"| stalk local | {durability} | {kind} no-op | {concurrency} | {one:,.0f} "
+                      f"| {many:,.0f} | {drain:,.0f} |", flush=True)
+    raw = median(r, lambda p: local_raw(p, n))
+    print(f"| local raw loop (lease 100 + ack 100, no engine) | normal | inline | 1 | | | "
+          f"{raw:,.0f} |")
+    others = (("persist-queue SQLiteAckQueue", "persistqueue", persist_queue),
+              ("litequeue", "litequeue", litequeue_))
+    for label, module, bench in others:
+        if importlib.util.find_spec(module) is None:
+            print(f"| {label} | not installed (pip install 'stalk[bench]') | | | | | |")
+            continue
+        put, drain = (statistics.median(x) for x in zip(*(
+            bench(Path(tempfile.mkdtemp()) / "bench", single) for _ in range(r)), strict=True))
+        print(f"| {label} | its default | inline | 1 | {put:,.0f} | | {drain:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
