@@ -25,7 +25,10 @@ from stalk.collectors.base import Adapter
 from stalk.errors import BackendError, ConfigError, HandlerImportError, StalkError
 from stalk.handler import load
 from stalk.logs import configure, redact
+from stalk.ops import OpsConfig, add_run_flags, run_operations
 from stalk.options import CollectorOptions
+from stalk.supervisor import supervise
+from stalk.tracing import traced, wanted_tracing
 
 logger = logging.getLogger("stalk.cli")
 
@@ -105,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exception class that means fatal when a handler raises it (repeatable)",
     )
     run.add_argument("--until-empty", action="store_true", help="exit 0 once drained")
+    add_run_flags(run)
 
     send = sub.add_parser("send", help="publish BODY... (or stdin lines with '-') to SOURCE")
     _common(send)
@@ -144,12 +148,19 @@ def _run_options(args: argparse.Namespace) -> CollectorOptions:
 
 def cmd_run(args: argparse.Namespace) -> int:
     options = _run_options(args)
+    ops_config = OpsConfig.from_args(args)
+    if ops_config.supervise:  # worker processes re-run this command line
+        adapter = make_adapter(args, options.error_topic)  # bad --option: fail here, not in N
+        return supervise(ops_config, adapter, until_empty=args.until_empty)
     handler = load(args.handler)
     adapter = make_adapter(args, options.error_topic)
+    if wanted_tracing():
+        handler = traced(handler, backend=adapter.name)
     collector = BaseCollector(adapter, handler, options)
-    asyncio.run(collector.serve(until_empty=args.until_empty, install_signals=True))
-    print(summary(collector))
-    return 0
+    code = run_operations(collector, ops_config, until_empty=args.until_empty)
+    if ops_config.worker_id is None:
+        print(summary(collector))
+    return code
 
 
 def summary(collector: BaseCollector) -> str:

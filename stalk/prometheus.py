@@ -149,14 +149,23 @@ class StalkMetrics:
         registry.register(StalkMetrics(lambda: [Snapshot.of(a), Snapshot.of(b)]))
     """
 
-    def __init__(self, snapshots: Callable[[], Sequence[Snapshot]]) -> None:
+    def __init__(
+        self,
+        snapshots: Callable[[], Sequence[Snapshot]],
+        extra: Callable[[], Sequence[Family]] | None = None,
+    ) -> None:
         self.snapshots = snapshots
+        self.extra = extra
+
+    def families(self) -> list[Family]:
+        """Return stalk's families and the ``extra`` ones (a supervisor's worker counts)."""
+        return families(self.snapshots()) + list(self.extra() if self.extra else ())
 
     def collect(self) -> Iterator[Any]:
         """Yield prometheus-client metric families (the registry calls this on each scrape)."""
         from prometheus_client.metrics_core import Metric
 
-        for family in families(self.snapshots()):
+        for family in self.families():
             metric = Metric(family.name, family.help, family.kind)
             for name, labels, value in family.samples:
                 metric.add_sample(name, labels, value)
@@ -172,6 +181,7 @@ class MetricsExporter:
             (ignored without prometheus-client).
         process_metrics: also export ``process_*`` (CPU, memory, fds) when prometheus-client is
             installed.
+        extra: more families to export (a supervisor's worker gauges).
     """
 
     def __init__(
@@ -180,22 +190,23 @@ class MetricsExporter:
         *,
         registry: Any = None,
         process_metrics: bool = True,
+        extra: Callable[[], Sequence[Family]] | None = None,
     ) -> None:
-        self.snapshots = snapshots
+        self.source = StalkMetrics(snapshots, extra)
         self.registry: Any = None
         try:
             from prometheus_client import CollectorRegistry, ProcessCollector
         except ImportError:
             return
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
-        self.registry.register(StalkMetrics(snapshots))
+        self.registry.register(self.source)
         if process_metrics and registry is None:
             ProcessCollector(registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its content type."""
         if self.registry is None:
-            return render_text(families(self.snapshots())), TEXT_CONTENT_TYPE
+            return render_text(self.source.families()), TEXT_CONTENT_TYPE
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
