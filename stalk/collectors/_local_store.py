@@ -1,10 +1,9 @@
-"""The local backend's file: one SQLite database in WAL mode, many queues, short transactions.
+"""The queue operations of the local backend: lease, ack, retry, error moves, publish, topics.
 
-Everything here is synchronous and runs on the adapter's database thread, which owns the
-connection (:mod:`stalk.collectors.local` is the asyncio face). Every state change is a single
-write transaction, so several processes may share the file: SQLite's write lock serialises them,
-and a row leased by one cannot be leased by another until its lease ends. The statements and the
-fencing rule are in :mod:`stalk.collectors._local_sql`.
+Everything here is synchronous and runs on the adapter's database thread
+(:mod:`stalk.collectors.local` is the asyncio face; the statements and the fencing rule are in
+:mod:`stalk.collectors._local_sql`). A row leased by one process cannot be leased by another
+until its lease ends, because every change is one transaction under SQLite's write lock.
 
 Durability: a publish is what a caller is told "success" for, so with ``full`` it commits with
 ``synchronous=FULL`` (fsync). Consumer-side changes (lease, ack, retry, error move) commit with
@@ -15,24 +14,16 @@ transactions, and losing a suffix of those changes means a redelivery, never a l
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from stalk.collectors import _local_sql as sql
+from stalk.collectors._local_file import SQLiteFile
 from stalk.collectors.base import Backlog
-from stalk.errors import BackendError, BackendUnavailable, ConfigError, QueueFull
+from stalk.errors import QueueFull, QueueNotFound
 from stalk.message import Failure, Message
-
-T = TypeVar("T")
-
-#: SQLite primary result codes that mean "another connection holds the lock: wait and retry".
-_BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
-#: Longest pause between two tries at a lock the busy handler did not wait for.
-_MAX_LOCK_PAUSE_S = 0.05
 
 
 def encode_attributes(attributes: Mapping[str, str] | None) -> str | None:
@@ -40,143 +31,8 @@ def encode_attributes(attributes: Mapping[str, str] | None) -> str | None:
     return json.dumps(dict(attributes), separators=(",", ":")) if attributes else None
 
 
-class LocalStore:
-    """One connection to a stalk file; each method is one transaction (or one read).
-
-    Args:
-        path: the database file; its directory is created 0700 and the file 0600 when missing.
-        full_sync: publish with ``synchronous=FULL`` (survives power loss) rather than NORMAL.
-        lock_timeout_s: how long to wait for another process's write lock before giving up.
-
-    Raises:
-        ConfigError: the path cannot be created or written, or is not a stalk file.
-    """
-
-    def __init__(self, path: Path, *, full_sync: bool, lock_timeout_s: float) -> None:
-        self.path = path
-        self.full_sync = full_sync
-        self.lock_timeout_s = lock_timeout_s
-        self._create_file()
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=lock_timeout_s)
-        try:
-            self._retry(self._prepare)
-        except BaseException:
-            self.conn.close()
-            raise
-
-    def _create_file(self) -> None:
-        path = self.path
-        try:
-            if not path.parent.exists():
-                path.parent.mkdir(mode=0o700, parents=True)
-                path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask
-            if not path.exists():
-                os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        except OSError as exc:
-            raise ConfigError(
-                f"local backend cannot create {path} ({exc.strerror}); choose a writable "
-                "location with --option path=... or STALK_LOCAL_PATH"
-            ) from None
-        if path.is_dir():
-            raise ConfigError(f"local backend path {path} is a directory; name a file in it")
-
-    def _prepare(self) -> None:
-        conn = self.conn
-        conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        self.write(self._init_schema, retry=False)
-
-    def _init_schema(self, conn: sqlite3.Connection) -> None:
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id == sql.APPLICATION_ID:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > sql.SCHEMA_VERSION:
-                raise ConfigError(f"{self.path} was written by a newer stalk (schema {version})")
-            return
-        if app_id != 0 or conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
-            raise ConfigError(
-                f"{self.path} is a SQLite database of another program, not a stalk file; "
-                "choose another --option path=..."
-            )
-        for statement in sql.SCHEMA:
-            conn.execute(statement)
-        conn.execute(f"PRAGMA application_id = {sql.APPLICATION_ID}")
-        conn.execute(f"PRAGMA user_version = {sql.SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        """Close the connection (the last one out checkpoints and removes the WAL)."""
-        self.conn.close()
-
-    # ------------------------------------------------------------------ plumbing
-    def translate(self, exc: sqlite3.Error) -> Exception:
-        """Turn a sqlite3 error into one of stalk's, naming the file and what to do."""
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        where = f"local backend file {self.path}"
-        if code == 26:  # SQLITE_NOTADB
-            return ConfigError(f"{where} is not a SQLite database; point --option path= elsewhere")
-        if code == 11:  # SQLITE_CORRUPT
-            return BackendError(f"{where} is damaged ({exc}); move it aside or restore a backup")
-        if code in (3, 8, 14):  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
-            return ConfigError(f"{where} cannot be written ({exc}); check that the directory "
-                               "and the file are writable by this user")
-        if code == 13:  # SQLITE_FULL
-            return BackendError(f"{where}: disk full ({exc})")
-        if code in _BUSY_CODES:
-            return BackendUnavailable(f"{where} stayed locked by another process for "
-                                      f"{self.lock_timeout_s:g}s; is a process stuck?")
-        return BackendUnavailable(f"{where}: {exc}")
-
-    def _retry(self, fn: Callable[[], T]) -> T:
-        """Run ``fn``, waiting out ``database is locked`` up to ``lock_timeout_s``.
-
-        SQLite's busy handler covers most waits; a few busy cases skip it (WAL recovery by
-        another process, a stale snapshot), so this loop retries those too. ``fn`` must be one
-        whole transaction: a failed try left nothing behind.
-        """
-        deadline = time.monotonic() + self.lock_timeout_s
-        pause = 0.001
-        while True:
-            try:
-                return fn()
-            except sqlite3.Error as exc:
-                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-                if code not in _BUSY_CODES or time.monotonic() >= deadline:
-                    raise self.translate(exc) from None
-            time.sleep(pause)
-            pause = min(pause * 2, _MAX_LOCK_PAUSE_S)
-
-    def write(
-        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False, retry: bool = True
-    ) -> T:
-        """Run ``fn(conn)`` in one ``BEGIN IMMEDIATE`` transaction, retried while locked.
-
-        ``durable`` commits with fsync when the store is ``full_sync``.
-        """
-        conn = self.conn
-        full = durable and self.full_sync
-
-        def attempt() -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-                conn.execute("COMMIT")
-                return result
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-
-        if full:
-            conn.execute("PRAGMA synchronous = FULL")
-        try:
-            return self._retry(attempt) if retry else attempt()
-        finally:
-            if full:
-                conn.execute("PRAGMA synchronous = NORMAL")
-
-    def _read(self, statement: str, params: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
-        """Run one read (its own snapshot; WAL readers never wait for writers)."""
-        return self._retry(lambda: self.conn.execute(statement, params).fetchall())
+class LocalStore(SQLiteFile):
+    """The queue operations on a stalk file; each method is one transaction (or one read)."""
 
     # ------------------------------------------------------------------ consuming
     def lease(self, queue: str, limit: int, lease_s: float, error_queue: str) -> list[Message]:
@@ -185,7 +41,7 @@ class LocalStore:
         The lease is one ``UPDATE … RETURNING`` statement, so one implicit transaction.
         """
         now = time.time()
-        rows = self._read(sql.LEASE, (now + lease_s, queue, now, limit))
+        rows = self.read(sql.LEASE, (now + lease_s, queue, now, limit))
         out: list[Message] = []
         expired: list[Message] = []
         for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows:
@@ -301,17 +157,31 @@ class LocalStore:
 
     def subscriptions(self, topic: str) -> list[str]:
         """Return the queues subscribed to ``topic``, oldest first."""
-        return [row[0] for row in self._read(sql.SUBSCRIPTIONS, (topic,))]
+        return [row[0] for row in self.read(sql.SUBSCRIPTIONS, (topic,))]
+
+    def targets(self, topic: str) -> list[str]:
+        """Return the subscriptions of ``topic``; raise when there are none (nowhere to go).
+
+        Pub/Sub drops a publish to a topic without subscriptions; a local queue refuses it
+        instead of losing it silently.
+        """
+        queues = self.subscriptions(topic)
+        if not queues:
+            raise QueueNotFound(
+                f"topic {topic!r} has no subscriptions, so a publish would go nowhere; start a "
+                f"consumer with --option topic={topic} --source SUBSCRIPTION first"
+            )
+        return queues
 
     def backlog(self, queue: str, error_queue: str | None) -> Backlog:
         """Count ready, delayed and leased messages of ``queue`` and the depth of its errors."""
         now = time.time()
-        ready, delayed, in_flight, oldest = self._read(sql.BACKLOG, {"now": now, "queue": queue})[0]
+        ready, delayed, in_flight, oldest = self.read(sql.BACKLOG, {"now": now, "queue": queue})[0]
         errors = self.length(error_queue) if error_queue else None
         age = max(0.0, now - oldest) if oldest is not None else None
         return Backlog(ready, delayed, in_flight, errors, age)
 
     def length(self, queue: str) -> int:
         """Return how many messages ``queue`` holds in every state (a counter: O(1))."""
-        rows = self._read(sql.LENGTH, (queue,))
+        rows = self.read(sql.LENGTH, (queue,))
         return int(rows[0][0]) if rows else 0

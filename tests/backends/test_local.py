@@ -43,12 +43,14 @@ def db(tmp_path: Path) -> Path:
 def test_open_creates_private_directory_and_file(db: Path) -> None:
     async def scenario() -> None:
         adapter = await opened(db)
+        await adapter.publish(b"x")
+        for suffix in ("", "-wal", "-shm"):
+            assert stat.S_IMODE(Path(f"{db}{suffix}").stat().st_mode) == 0o600, suffix
         await adapter.close()
         await adapter.close()  # idempotent
 
     run(scenario())
     assert stat.S_IMODE(db.parent.stat().st_mode) == 0o700
-    assert stat.S_IMODE(db.stat().st_mode) == 0o600
     mode = sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 

@@ -67,6 +67,7 @@ def _records(*outs: Path) -> list[tuple[str, int]]:
 def _finish(process: subprocess.Popen[bytes]) -> None:
     _, err = process.communicate(timeout=PROCESS_LIMIT_S)
     assert process.returncode == 0, f"worker failed:\n{err.decode()[-3000:]}"
+    assert b"locked" not in err, f"a lock error reached the worker:\n{err.decode()[-3000:]}"
 
 
 def test_sigkill_mid_batch_loses_nothing(tmp_path: Path) -> None:
