@@ -253,6 +253,8 @@ class Operations:
         return self.exit_code
 
 
-def run(collector: BaseCollector, config: OpsConfig, *, until_empty: bool = False) -> int:
+def run_operations(
+    collector: BaseCollector, config: OpsConfig, *, until_empty: bool = False
+) -> int:
     """Run ``collector`` with its operations until stopped; return the process exit code."""
     return asyncio.run(Operations(collector, config).run(until_empty=until_empty))

@@ -39,7 +39,7 @@ def available() -> bool:
     return True
 
 
-def wanted() -> bool:
+def wanted_tracing() -> bool:
     """Decide whether ``stalk run`` traces, from ``STALK_TRACING`` and the global provider."""
     switch = os.environ.get(ENV_SWITCH, "").strip().lower()
     if switch in ("0", "off", "false", "no") or not available():
