@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -54,10 +54,10 @@ def amqp_url() -> str:
 def rabbitmqctl(amqp_url: str) -> str:
     """Return the rabbitmqctl path when this user may control the node (restart tests)."""
     path = shutil.which("rabbitmqctl")
-    ok = path is not None and subprocess.run(
-        [path, "-q", "ping"], capture_output=True, timeout=60, check=False
-    ).returncode == 0
-    if not ok or path is None:
+    if path is None:
+        require_broker("amqp", "rabbitmqctl is not on PATH (scripts/start-rabbitmq.sh installs it)")
+    ping = subprocess.run([path, "-q", "ping"], capture_output=True, timeout=60, check=False)
+    if ping.returncode != 0:
         require_broker("amqp", "rabbitmqctl cannot reach the node (run the tests as root in CI)")
     return path
 
@@ -71,13 +71,17 @@ class AMQPHarness(AdapterHarness):
         self.url = url
         self.settings = settings
         self.queues: list[str] = []
+        self.adapters: list[Any] = []
+        self.exchanges: list[str] = [settings["exchange"]] if settings.get("exchange") else []
 
     def make_adapter(self, source: str, error_topic: str) -> Any:
         from stalk.collectors.amqp import AMQPAdapter, AMQPSettings
 
         self.queues += [source, error_topic]
         settings = AMQPSettings(url=self.url, **self.settings)
-        return AMQPAdapter(source, error_topic=error_topic, settings=settings)
+        adapter = AMQPAdapter(source, error_topic=error_topic, settings=settings)
+        self.adapters.append(adapter)
+        return adapter
 
     def new_names(self) -> tuple[str, str]:
         source = f"stalk-test-{uuid.uuid4().hex[:12]}"
@@ -85,20 +89,25 @@ class AMQPHarness(AdapterHarness):
 
     def cleanup(self) -> None:
         """Delete every queue this harness's adapters used (delay buckets expire by themselves)."""
-        names = sorted(set(self.queues))
-        if names:
-            asyncio.run(delete_queues(self.url, names))
+        from stalk.collectors._amqp_topology import delay_queue_name
+
+        for adapter in self.adapters:
+            self.queues += [delay_queue_name(adapter.source, ms) for ms in adapter._buckets]
+        if self.queues or self.exchanges:
+            asyncio.run(delete_topology(self.url, sorted(set(self.queues)), self.exchanges))
 
 
-async def delete_queues(url: str, names: list[str]) -> None:
-    """Delete queues by name, ignoring ones already gone."""
+async def delete_topology(url: str, queues: list[str], exchanges: Sequence[str] = ()) -> None:
+    """Delete queues and exchanges by name, ignoring ones already gone."""
     import aio_pika
 
     connection = await aio_pika.connect(url, timeout=5)
     try:
         channel = await connection.channel()
-        for name in names:
+        for name in queues:
             await channel.queue_delete(name)
+        for name in exchanges:
+            await channel.exchange_delete(name)
     finally:
         await connection.close()
 
