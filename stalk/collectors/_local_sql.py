@@ -63,6 +63,8 @@ UPDATE stalk_messages SET queue = ?, attributes = ?, attempts = 0, enqueued_at =
 WHERE id = ? AND lease_token = ?
 """
 LENGTH = "SELECT length FROM stalk_queues WHERE name = ?"
+#: When the next row of a queue falls due (a delay ends or a lease lapses); O(log n) on the index.
+NEXT_DUE = "SELECT MIN(visible_at) FROM stalk_messages WHERE queue = ?"
 COUNT = """
 INSERT INTO stalk_queues (name, length) VALUES (?, ?)
 ON CONFLICT (name) DO UPDATE SET length = length + excluded.length

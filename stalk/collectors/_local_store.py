@@ -181,6 +181,11 @@ class LocalStore(SQLiteFile):
         age = max(0.0, now - oldest) if oldest is not None else None
         return Backlog(ready, delayed, in_flight, errors, age)
 
+    def next_due(self, queue: str) -> float | None:
+        """Return the epoch time the next message of ``queue`` falls due, or None if empty."""
+        due = self.read(sql.NEXT_DUE, (queue,))[0][0]
+        return float(due) if due is not None else None
+
     def length(self, queue: str) -> int:
         """Return how many messages ``queue`` holds in every state (a counter: O(1))."""
         rows = self.read(sql.LENGTH, (queue,))

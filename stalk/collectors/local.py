@@ -15,7 +15,9 @@ Options (``--option KEY=VALUE`` or ``STALK_LOCAL_<KEY>``): ``path``, ``durabilit
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -143,9 +145,23 @@ class LocalAdapter(PollingAdapter):
 
     # ------------------------------------------------------------------ consuming
     async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
-        """Lease up to ``max_messages`` due messages in one transaction; returns at once."""
-        return await self._call(self.store.lease, self._source, max_messages,
-                                self.visibility_timeout_s, self._errors)
+        """Lease up to ``max_messages`` due messages in one transaction.
+
+        When none is due but one falls due within ``wait_s`` (a retry delay or a lease ending),
+        wait for it: delayed messages come back on time, not a whole polling period late.
+        Messages published by another process meanwhile wait for the next poll.
+        """
+        lease = (self.store.lease, self._source, max_messages, self.visibility_timeout_s,
+                 self._errors)
+        messages = await self._call(*lease)
+        if messages or wait_s <= 0:
+            return messages
+        due = await self._call(self.store.next_due, self._source)
+        pause = due - time.time() if due is not None else wait_s
+        if pause >= wait_s:
+            return []
+        await asyncio.sleep(max(0.0, pause))
+        return await self._call(*lease)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         """Delete the batch in one transaction; deliveries whose lease lapsed are refused."""

@@ -126,6 +126,19 @@ def test_retry_later_sets_visible_at_and_keeps_attributes(db: Path) -> None:
     run(scenario())
 
 
+def test_poll_waits_for_a_message_falling_due_within_wait(db: Path) -> None:
+    async def scenario() -> None:
+        a = await opened(db)
+        await a.publish(b"soon", delay_s=0.2)
+        await a.publish(b"much later", delay_s=3600)
+        assert await a.get_messages(10, 0) == []
+        assert [m.body for m in await a.get_messages(10, 5.0)] == [b"soon"]
+        assert await a.get_messages(10, 0.05) == []
+        await a.close()
+
+    run(scenario())
+
+
 def test_delayed_publish_and_backlog_counts(db: Path) -> None:
     async def scenario() -> None:
         a = await opened(db)
