@@ -531,6 +531,7 @@ class BaseCollector:
             return
         if self.state == "draining":
             self.stop_now = True
+            self._slot_free.set()  # wake the grace wait below, or a second signal waits it out
             await self._stopped.wait()
             return
         self.stop_now = False
