@@ -1,0 +1,39 @@
+"""Handlers the subprocess tests run with ``python -m stalk run tests.ops.handlers:NAME``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from stalk import Message, Result, retry
+
+
+def quick(body: bytes) -> None:
+    """Ack everything."""
+
+
+def slow(body: bytes) -> None:
+    """Take a little while, so a test can catch messages in flight."""
+    time.sleep(float(os.environ.get("STALK_TEST_SLEEP_S", "0.2")))
+
+
+def crash_once(body: bytes, message: Message) -> None:
+    """Kill the whole worker process the first time any worker sees a message (then ack)."""
+    marker = Path(os.environ["STALK_TEST_MARKER"])
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(17)
+
+
+def leaky(body: bytes, message: Message) -> Result:
+    """Fail with an error text full of credentials, as a careless SDK might."""
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    return retry(
+        f"cannot reach amqp://worker:{os.environ['STALK_TEST_PASSWORD']}@broker:5672/ "
+        f"with aws_secret_access_key={secret} (secret {secret})",
+        delay=60,
+    )
