@@ -163,8 +163,21 @@ class Operations:
             collector.scale(self.autoscaler.settings.clamp(collector.concurrency))
         self._tasks: list[asyncio.Task[Any]] = []
 
+    def _count_to_limit(self, message: Message, action: Action, seconds: float) -> None:
+        """Stop intake right at ``--max-messages-per-child`` (checked per message, only if set)."""
+        stats, limit = self.collector.stats, self.config.max_messages
+        if limit is not None and stats.handled >= limit and self.recycle_reason is None:
+            self._recycle(f"handled {stats.handled} messages (limit {limit})")
+
+    def _recycle(self, reason: str) -> None:
+        logger.info("worker recycling: %s", reason)
+        self.recycle_reason, self.exit_code = reason, EXIT_RECYCLE
+        self.collector.stop()
+
     def _observers(self) -> Callable[[Message, Action, float], None] | None:
         found = [outcome_logger(self.collector.adapter.name)]
+        if self.config.max_messages is not None:
+            found.append(self._count_to_limit)
         if self.autoscaler is not None and not self.collector.adapter.features.backlog:
             found.append(self.autoscaler.observe)
         hooks = [hook for hook in found if hook is not None]
@@ -187,24 +200,22 @@ class Operations:
         return extras
 
     async def _watch(self) -> None:
-        """Recycle on the message or memory limit; stop if the supervisor died."""
+        """Recycle over the memory limit; stop if the supervisor died.
+
+        Memory is checked only once the worker handled something, as Celery does after a task:
+        a limit under the start-up footprint then recycles per message, never in a tight loop.
+        """
         config, stats = self.config, self.collector.stats
+        limit = config.max_memory_bytes
         while self.collector.state not in ("draining", "stopped"):
             await asyncio.sleep(WATCH_S)
-            reason = None
-            if config.max_messages is not None and stats.handled >= config.max_messages:
-                reason = f"handled {stats.handled} messages (limit {config.max_messages})"
-            rss = rss_bytes() if config.max_memory_bytes is not None else None
-            if rss is not None and config.max_memory_bytes and rss > config.max_memory_bytes:
-                reason = f"resident memory {rss >> 20} MiB over {config.max_memory_bytes >> 20} MiB"
             if config.supervisor_pid is not None and os.getppid() != config.supervisor_pid:
                 logger.warning("supervisor %d is gone; stopping", config.supervisor_pid)
                 self.collector.stop()
                 return
-            if reason is not None:
-                logger.info("worker recycling: %s", reason)
-                self.recycle_reason, self.exit_code = reason, EXIT_RECYCLE
-                self.collector.stop()
+            rss = rss_bytes() if limit is not None and stats.handled else None
+            if rss is not None and limit is not None and rss > limit and not self.recycle_reason:
+                self._recycle(f"resident memory {rss >> 20} MiB over {limit >> 20} MiB")
                 return
 
     def _report(self, line: str) -> None:

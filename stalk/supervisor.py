@@ -41,8 +41,6 @@ RESTART_BACKOFF_S = 1.0
 MAX_RESTART_BACKOFF_S = 30.0
 #: A worker that ran this long before it crashed starts the backoff afresh.
 STABLE_AFTER_S = 10.0
-#: A recycle sooner than this after start is treated as a crash (memory limit below baseline).
-MIN_RECYCLE_UPTIME_S = 1.0
 #: Seconds between polls of the workers' /status (progress line, health, counters).
 POLL_S = 1.0
 #: Exit code of a worker whose command line is wrong; restarting cannot help.
@@ -165,7 +163,7 @@ class Supervisor:
     def _delay(self, worker: Worker, code: int) -> float:
         uptime = time.monotonic() - worker.started_at
         worker.restarts += 1
-        if code == EXIT_RECYCLE and uptime >= MIN_RECYCLE_UPTIME_S:
+        if code == EXIT_RECYCLE:  # planned; a worker recycles only after it handled something
             worker.recycles += 1
             worker.crashes = 0
             return 0.0
