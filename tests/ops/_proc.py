@@ -71,7 +71,9 @@ class Stalk:
         self.lines: list[str] = []
         self.out: list[str] = []
         self._readers = [
-            threading.Thread(target=self._read, args=(self.process.stderr, self.lines), daemon=True),
+            threading.Thread(
+                target=self._read, args=(self.process.stderr, self.lines), daemon=True
+            ),
             threading.Thread(target=self._read, args=(self.process.stdout, self.out), daemon=True),
         ]
         for reader in self._readers:
@@ -144,10 +146,25 @@ class Stalk:
 def local_send(db: Path, source: str, *bodies: str) -> None:
     """Publish through the real CLI into the local file backend."""
     done = subprocess.run(
-        [sys.executable, "-m", "stalk", "send", "--backend", "local", "--source", source,
-         "--option", f"path={db}", *bodies],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-        timeout=PATIENCE_S, check=False,
+        [
+            sys.executable,
+            "-m",
+            "stalk",
+            "send",
+            "--backend",
+            "local",
+            "--source",
+            source,
+            "--option",
+            f"path={db}",
+            *bodies,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=PATIENCE_S,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
 
@@ -155,10 +172,25 @@ def local_send(db: Path, source: str, *bodies: str) -> None:
 def local_stats(db: Path, source: str) -> dict[str, Any]:
     """Return ``stalk stats --json`` of a local queue."""
     done = subprocess.run(
-        [sys.executable, "-m", "stalk", "stats", "--backend", "local", "--source", source,
-         "--option", f"path={db}", "--json"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
-        timeout=PATIENCE_S, check=False,
+        [
+            sys.executable,
+            "-m",
+            "stalk",
+            "stats",
+            "--backend",
+            "local",
+            "--source",
+            source,
+            "--option",
+            f"path={db}",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=PATIENCE_S,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)

@@ -90,7 +90,7 @@ def test_healthz_turns_503_while_draining(tmp_path: Path) -> None:
     assert http(port, "/healthz")[0] == 200
     wait_until(lambda: stalk.status(port)["in_flight"] == 1, "the message in flight")
     stalk.signal(signal.SIGTERM)
-    code, body, _ = wait_until(
+    _code, body, _ = wait_until(
         lambda: (lambda r: r if r[0] == 503 else None)(http(port, "/healthz")), "503 on /healthz"
     )
     assert body.decode().strip() == "draining"
