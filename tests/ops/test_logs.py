@@ -1,0 +1,76 @@
+"""Log output of a real ``stalk run``: JSON per message outcome, and no credentials anywhere."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from stalk.logs import JsonFormatter, redact, refresh_secrets
+from tests.ops._proc import Stalk, local_send
+
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+URL_WORD = "pa55w0rd-in-a-url"
+
+
+def test_json_logs_carry_outcome_fields_and_leak_no_secret(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    local_send(db, "jobs", "ok", "boom")
+    stalk = Stalk(
+        "run", "tests.ops.handlers:leaky", "--backend", "local", "--source", "jobs",
+        "--option", f"path={db}", "--max-retries", "0", "--until-empty",
+        "--log-format", "json", "--log-level", "DEBUG",
+        env={"AWS_SECRET_ACCESS_KEY": AWS_SECRET, "STALK_TEST_WORD": URL_WORD},
+    )  # fmt: skip
+    assert stalk.wait() == 0, stalk.stderr
+    everything = stalk.stderr + stalk.stdout
+    assert AWS_SECRET not in everything
+    assert URL_WORD not in everything
+    records = [json.loads(line) for line in stalk.lines]  # every line is one JSON object
+    outcomes = {r["outcome"]: r for r in records if "outcome" in r}
+    assert set(outcomes) == {"ack", "error:retries_exhausted"}, records
+    for record in outcomes.values():
+        assert record["backend"] == "local"
+        assert record["source"] == "jobs"
+        assert record["attempt"] == 1
+        assert record["message_id"]
+        assert record["duration_s"] >= 0
+    failed = outcomes["error:retries_exhausted"]
+    assert "amqp://worker:***@broker" in failed["msg"]
+    assert "aws_secret_access_key=***" in failed["msg"]
+
+
+def test_no_per_message_line_at_info(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    local_send(db, "jobs", "ok", "ok")
+    stalk = Stalk(
+        "run", "tests.ops.handlers:quick", "--backend", "local", "--source", "jobs",
+        "--option", f"path={db}", "--until-empty", "--log-format", "json",
+    )  # fmt: skip
+    assert stalk.wait() == 0, stalk.stderr
+    assert not [line for line in stalk.lines if '"outcome"' in line]
+
+
+def test_redact_forms(monkeypatch) -> None:
+    monkeypatch.setenv("MY_API_TOKEN", "tok-1234567890")
+    refresh_secrets()
+    text = (
+        "url=https://u:p%40ss@host/x password=hunter2 "
+        '"SecretAccessKey": "abc/def" Authorization token: xyz tok-1234567890 plain=kept'
+    )
+    out = redact(text)
+    for secret in ("p%40ss", "hunter2", "abc/def", "xyz", "tok-1234567890"):
+        assert secret not in out
+    assert "plain=kept" in out and "https://u:***@host/x" in out
+    monkeypatch.delenv("MY_API_TOKEN")
+    refresh_secrets()
+
+
+def test_json_formatter_redacts_extra_fields() -> None:
+    record = logging.makeLogRecord(
+        {"msg": "to %s", "args": ("amqp://a:b@c/",), "levelno": 20, "levelname": "INFO"}
+    )
+    record.source = "https://user:secretpw@queue.example/q"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "to amqp://a:***@c/"
+    assert line["source"] == "https://user:***@queue.example/q"
