@@ -30,6 +30,7 @@ from botocore.exceptions import (
     NoRegionError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from stalk.errors import (
     BackendError,
@@ -197,7 +198,7 @@ def translate(exc: BaseException, op: str, queue: str, where: str) -> StalkError
             f"no AWS credentials for SQS ({where}): set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             "or AWS_PROFILE, or run with an IAM role"
         )
-    if isinstance(exc, HTTPClientError):
+    if isinstance(exc, HTTPClientError | BotoConnectionError):
         return BackendUnavailable(
             f"cannot reach SQS ({where}) for {op}: {exc}; check --option endpoint_url "
             "(or AWS_ENDPOINT_URL), the region and the network"

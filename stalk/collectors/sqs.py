@@ -65,7 +65,7 @@ from stalk.collectors.base import (
     PollingAdapter,
     build_settings,
 )
-from stalk.errors import BackendError, ConfigError, MessageTooLarge
+from stalk.errors import BackendError, ConfigError, MessageTooLarge, QueueNotFound
 from stalk.message import ATTR_ATTEMPT, ATTR_ERROR, ATTR_FIRST_FAILURE_AT, Failure, Message
 
 if TYPE_CHECKING:
@@ -218,14 +218,22 @@ class SQSAdapter(PollingAdapter):
             if self._fifo:
                 self._gate = GroupGate(lambda m: _receipt(m).group_id, self.visibility_timeout_s)
             if self.error_topic:
-                self._error_url, attributes = await sqs.resolve(
-                    self.error_topic, self.settings.create_queues
-                )
-                self._error_fifo = attributes.get("FifoQueue") == "true"
-                self._error_max_bytes = _int(attributes.get("MaximumMessageSize"), 262_144)
+                try:
+                    await self._resolve_error_queue()
+                except QueueNotFound as exc:  # producers (send, stats, redrive) need none
+                    logger.warning("%s; until it exists, failed messages stay in %s", exc, source)
         except BaseException:
             await self.close()
             raise
+
+    async def _resolve_error_queue(self) -> str:
+        if self._error_url is None:
+            topic = self.error_topic or self.default_error_topic(self._name)
+            url, attributes = await self.sqs.resolve(topic, self.settings.create_queues)
+            self._error_fifo = attributes.get("FifoQueue") == "true"
+            self._error_max_bytes = _int(attributes.get("MaximumMessageSize"), 262_144)
+            self._error_url = url
+        return self._error_url
 
     def _note_redrive(self, policy: str | None) -> None:
         try:
@@ -399,8 +407,7 @@ class SQSAdapter(PollingAdapter):
                 "MessageDeduplicationId": dedup or uuid.uuid4().hex}
 
     async def publish_error(self, message: Message, failure: Failure) -> None:
-        if self._error_url is None:
-            raise BackendError(f"no error queue for {self._name}: the adapter was not bound")
+        error_url = await self._resolve_error_queue()
         receipt = _receipt(message)
         if message.attempt > 1 and ATTR_FIRST_FAILURE_AT not in message.attributes:
             # SQS cannot carry the first failure's time through a visibility retry; the first
@@ -416,7 +423,7 @@ class SQSAdapter(PollingAdapter):
         if self._error_fifo:
             extra = {"MessageGroupId": receipt.group_id or self.settings.group_id,
                      "MessageDeduplicationId": message.id}
-        await self._send_copy(self._error_url, receipt, meta, extra)
+        await self._send_copy(error_url, receipt, meta, extra)
 
     # ----------------------------------------------------------------- heartbeat
     async def extend(self, message: Message, seconds: float) -> None:
@@ -446,9 +453,10 @@ class SQSAdapter(PollingAdapter):
             self._extending = set()
 
     async def _quietly(self, call: Any, what: str) -> None:
+        """Await a best-effort call (heartbeat, give-back): its failure is logged, never raised."""
         try:
             await call
-        except BackendError as exc:
+        except Exception as exc:  # a background heartbeat must survive anything
             logger.warning("SQS %s failed for %s (%s)", what, self._name, exc)
 
     # ----------------------------------------------------------------- producing, counting
