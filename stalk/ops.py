@@ -162,6 +162,8 @@ class Operations:
             self.autoscaler = Autoscaler(collector, AutoscaleSettings(low, high))
             collector.scale(self.autoscaler.settings.clamp(collector.concurrency))
         self._tasks: list[asyncio.Task[Any]] = []
+        #: The control server once listening (None when off or its port was taken).
+        self.server: ControlServer | None = None
 
     def _count_to_limit(self, message: Message, action: Action, seconds: float) -> None:
         """Stop intake right at ``--max-messages-per-child`` (checked per message, only if set)."""
@@ -243,6 +245,7 @@ class Operations:
             server = ControlServer(CollectorControl(collector, self.status_extras), host, port)
             if not await server.start():
                 server = None
+        self.server = server
         interval = AUTOSCALE_BACKLOG_POLL_S if self.autoscaler else BACKLOG_POLL_S
         self._spawn(poll_backlog(collector, interval))
         self._spawn(self._watch())
