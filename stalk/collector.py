@@ -92,6 +92,12 @@ class BaseCollector:
         """Messages received and not yet settled."""
         return len(self._inflight)
 
+    @property
+    def intake_alive(self) -> bool:
+        """False if the poll loop ended while it should run (a bug; the log has it): /healthz."""
+        task = self._poll_task
+        return task is None or self.state not in ("awake", "asleep") or not task.done()
+
     def wake(self) -> None:
         """Start (or resume) taking messages. Idempotent; safe from any thread."""
         self._want_awake = True

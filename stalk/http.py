@@ -98,6 +98,8 @@ class CollectorControl:
             return False, snap.state
         if not snap.healthy:
             return False, snap.health_reason
+        if not self.collector.intake_alive:
+            return False, "intake loop stopped (see the log)"
         return True, "ok" if snap.state == "awake" else f"ok ({snap.state})"
 
     async def metrics(self) -> tuple[bytes, str]:

@@ -286,3 +286,33 @@ def test_port_conflict_logs_one_error_and_returns(caplog: pytest.LogCaptureFixtu
         assert f"cannot listen on 127.0.0.1:{first.port}" in errors[0].getMessage()
 
     run(scenario)
+
+
+class Boom(BaseException):
+    """Escapes the poll loop's broker-error guard, as a bug would."""
+
+
+class BrokenLoopAdapter(MemoryAdapter):
+    async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
+        raise Boom("bug")
+
+
+def test_healthz_503_when_the_intake_loop_died(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        collector = BaseCollector(
+            BrokenLoopAdapter("q"), lambda body: None, CollectorOptions(**FAST_OPTIONS)
+        )
+        server = ControlServer(CollectorControl(collector), port=0)
+        assert await server.start()
+        await collector.start()
+        collector.wake()
+        try:
+            await wait_for(lambda: not collector.intake_alive, 10, "the poll loop to die")
+            code, body, _ = await get(server.port, "/healthz")
+            assert (code, body) == (503, b"intake loop stopped (see the log)\n")
+        finally:
+            await collector.stop(1)
+            await server.close()
+
+    with caplog.at_level(logging.CRITICAL, logger="stalk.collector"):
+        run(scenario)
