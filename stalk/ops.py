@@ -121,6 +121,20 @@ class OpsConfig:
         return self.worker_id is None and (self.processes > 1 or recycles)
 
 
+class WorkerLogTag(logging.Filter):
+    """Mark a worker process's records: ``worker`` in JSON, ``logger/wN`` in text."""
+
+    def __init__(self, worker_id: int) -> None:
+        super().__init__()
+        self.worker_id = worker_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "worker"):
+            record.worker = self.worker_id
+            record.name = f"{record.name}/w{self.worker_id}"
+        return True
+
+
 def rss_bytes() -> int | None:
     """Return this process's resident memory (Linux /proc; elsewhere the peak from getrusage)."""
     try:
@@ -237,6 +251,9 @@ class Operations:
         """Start the collector and its companions; return once it stopped, with the exit code."""
         collector, config = self.collector, self.config
         collector.on_outcome = self._observers()
+        if config.worker_id is not None:
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(WorkerLogTag(config.worker_id))
         await collector.start()
         server: ControlServer | None = None
         port = 0 if config.worker_id is not None else config.http_port

@@ -117,3 +117,14 @@ def test_usage_error_in_workers_is_not_restarted(tmp_path: Path) -> None:
     stalk = Stalk(*args(db, "no_such_handler", "--processes", "2"))
     assert stalk.wait() == 2, stalk.stderr
     assert "usage error" in stalk.stderr
+
+
+def test_until_empty_workers_finish_and_the_supervisor_exits_zero(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    local_send(db, "jobs", *[f"m{i}" for i in range(6)])
+    stalk = Stalk(*args(db, "quick", "--processes", "2", "--until-empty"))
+    assert stalk.wait() == 0, stalk.stderr
+    assert local_stats(db, "jobs")["ready"] == 0
+    assert stalk.stderr.count("finished") == 2
+    assert "stalk.collector/w0" in stalk.stderr and "stalk.collector/w1" in stalk.stderr
+    assert "supervisor done: {'received': 6, 'acked': 6" in stalk.stderr
