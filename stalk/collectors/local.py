@@ -2,8 +2,9 @@
 
 What a user gets with no broker at all, and meant for production on one machine: messages survive
 ``kill -9`` of any process and (with ``durability=full``, the default) power loss; several
-processes may consume one queue at once. The SQL lives in :mod:`stalk.collectors._local_store`;
-this module is the asyncio face of it.
+processes may consume one queue at once. This module is the asyncio face; the queue operations
+are in ``_local_store``, the statements in ``_local_sql``, opening and lock waits in
+``_local_file``, the settings in ``_local_settings``.
 
 Every database call of an adapter runs on one dedicated thread that owns the connection, one hop
 per batch: a poll leases its whole batch in one transaction, an ack deletes its whole batch in
