@@ -60,12 +60,33 @@ def parse_size(text: str) -> int:
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
     """Add the operations flags to ``stalk run``."""
-    parser.add_argument("--http-port", type=int, default=None, help="serve /healthz, /metrics...")
-    parser.add_argument("--http-host", default="127.0.0.1", help="default: 127.0.0.1")
-    parser.add_argument("--autoscale", default=None, metavar="MIN:MAX")
-    parser.add_argument("--processes", type=int, default=1, help="supervised worker processes")
-    parser.add_argument("--max-messages-per-child", type=int, default=None, metavar="N")
-    parser.add_argument("--max-memory-per-child", default=None, metavar="SIZE")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /healthz /metrics /status and POST /sleep /wake /scale (0: any free port)",
+    )
+    parser.add_argument("--http-host", default="127.0.0.1", help="default: 127.0.0.1 (loopback)")
+    parser.add_argument(
+        "--autoscale", default=None, metavar="MIN:MAX", help="grow/shrink concurrency with load"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, metavar="N", help="N supervised worker processes"
+    )
+    parser.add_argument(
+        "--max-messages-per-child",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replace a worker process after N messages (implies supervision)",
+    )
+    parser.add_argument(
+        "--max-memory-per-child",
+        default=None,
+        metavar="SIZE",
+        help="replace a worker over SIZE resident memory, e.g. 512M, 2G (plain number: MiB)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
 
 
