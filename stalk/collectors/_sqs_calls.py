@@ -85,6 +85,10 @@ class SQSCalls:
         return self._client
 
     @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    @property
     def region(self) -> str | None:
         return self._client.meta.region_name if self._client else self.settings.region
 

@@ -19,7 +19,9 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import (
@@ -40,7 +42,7 @@ from stalk.errors import (
     QueueNotFound,
     StalkError,
 )
-from stalk.message import ATTR_ATTEMPT
+from stalk.message import ATTR_ATTEMPT, ATTR_ERROR, Message
 
 #: SQS MessageAttributes: name -> {"DataType": ..., "StringValue" | "BinaryValue": ...}. Loosely
 #: typed because boto3's stubs type the sent and the received shape as two different TypedDicts.
@@ -181,6 +183,87 @@ def attributes_size(body_text: str, attributes: Attributes) -> int:
         elif isinstance(value.get("BinaryValue"), bytes | bytearray):
             size += len(value["BinaryValue"])
     return size
+
+
+@dataclass(eq=False, slots=True)
+class Receipt:
+    """What the adapter keeps of one receive: enough to settle it and to copy it intact."""
+
+    handle: str
+    text: str  # the body exactly as SQS holds it
+    own: Attributes  # the producer's attributes with their SQS types
+    encoded: bool  # the body is base64 of bytes that were not SQS text
+    group_id: str | None
+    first_received_at: float | None  # epoch seconds
+    received_at: float  # monotonic
+
+
+def receipt_of(message: Message) -> Receipt:
+    """Return the SQS receipt of ``message``.
+
+    Raises:
+        BackendError: the message was not received from SQS by stalk.
+    """
+    if not isinstance(message.receipt, Receipt):
+        raise BackendError(f"message {message.id} was not received by an SQS adapter")
+    return message.receipt
+
+
+def as_int(value: Any, default: int) -> int:
+    """Return ``int(value)``, or ``default`` for a missing or malformed value."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def decode(item: Mapping[str, Any], source: str, skips: MutableMapping[str, int]) -> Message:
+    """Return the :class:`Message` for one received SQS message.
+
+    ``attempt`` is ApproximateReceiveCount plus ``stalk-attempt - 1`` (a re-sent copy carries
+    how many attempts came before), less the receives this process knows were not handled
+    (``skips``: releases, FIFO hand-backs). A parked copy keeps its ``stalk-not-before`` in
+    ``attributes``; its ``attempt`` is then the one it will have when due.
+    """
+    own = unpack(item.get("MessageAttributes", {}))
+    marks = {k: as_text(own.pop(k)) for k in list(own) if k in INTERNAL}
+    system = item.get("Attributes", {})
+    text, message_id = item.get("Body", ""), item["MessageId"]
+    receipt = Receipt(
+        item["ReceiptHandle"], text, own, marks.get(ATTR_BODY_ENCODING) == "base64",
+        system.get("MessageGroupId"),
+        as_int(system.get("ApproximateFirstReceiveTimestamp"), 0) / 1000 or None, time.monotonic(),
+    )  # fmt: skip
+    carried = max(1, as_int(marks.get(ATTR_ATTEMPT), 1))
+    attributes = {k: v for k, v in ((k, as_text(v)) for k, v in own.items()) if v}
+    if ATTR_NOT_BEFORE in marks:
+        attributes[ATTR_NOT_BEFORE] = marks[ATTR_NOT_BEFORE] or "0"
+        attempt = carried
+    else:
+        count = as_int(system.get("ApproximateReceiveCount"), 1)
+        attempt = max(1, count + carried - 1 - skips.pop(message_id, 0))
+    body = decode_body(text, marks.get(ATTR_BODY_ENCODING))
+    sent = as_int(system.get("SentTimestamp"), 0) / 1000 or None
+    return Message(message_id, body, attributes, attempt, sent, source, receipt)
+
+
+def copy_attributes(
+    receipt: Receipt, marks: Mapping[str, str], max_bytes: int | None = None
+) -> Attributes:
+    """Return the attributes of a copy of a received message with stalk's ``marks`` added.
+
+    With ``max_bytes``, a too long ``stalk-error`` text is shortened so the copy fits: the body
+    is never cut.
+    """
+    marks = dict(marks)
+    if receipt.encoded:
+        marks[ATTR_BODY_ENCODING] = "base64"
+    attributes = pack(receipt.own, string_attributes(marks))
+    over = attributes_size(receipt.text, attributes) + 64 - (max_bytes or 1 << 62)
+    if over > 0 and marks.get(ATTR_ERROR):
+        marks[ATTR_ERROR] = marks[ATTR_ERROR][: max(0, len(marks[ATTR_ERROR]) - over)]
+        attributes = pack(receipt.own, string_attributes(marks))
+    return attributes
 
 
 def translate(exc: BaseException, op: str, queue: str, where: str) -> StalkError:
