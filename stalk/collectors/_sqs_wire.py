@@ -292,9 +292,11 @@ def translate(exc: BaseException, op: str, queue: str, where: str) -> StalkError
         text = str(error.get("Message", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         if code in _NOT_FOUND:
+            name = queue.rstrip("/").rsplit("/", 1)[-1]
+            fifo = " --attributes FifoQueue=true" if name.endswith(".fifo") else ""
             return QueueNotFound(
-                f"SQS queue {queue!r} does not exist ({where}): create it "
-                f"(aws sqs create-queue --queue-name NAME), or check --option region "
+                f"SQS queue {queue!r} does not exist ({where}): create it with "
+                f"'aws sqs create-queue --queue-name {name}{fifo}', or check --option region "
                 "and the account"
             )
         if code in _DENIED or status == 403:

@@ -1,0 +1,52 @@
+"""The headline commands on SQS, as a user types them, with boto3's own AWS_ENDPOINT_URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.backends.test_sqs import raw_receive
+from tests.brokers.sqs import FAKE_AWS_ENV, create_queue
+
+pytestmark = pytest.mark.broker("sqs")
+
+
+def stalk(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **FAKE_AWS_ENV, "AWS_ENDPOINT_URL": endpoint}
+    return subprocess.run(
+        [sys.executable, "-m", "stalk", *args], env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_send_then_run_until_empty_with_aws_endpoint_url(sqs_endpoint: str) -> None:
+    queue = f"cli-{uuid.uuid4().hex[:10]}"
+    create_queue(sqs_endpoint, queue)
+    error_url = create_queue(sqs_endpoint, f"{queue}-errors")
+    common = ["--backend", "sqs", "--source", queue]
+    sent = stalk(sqs_endpoint, "send", *common, '{"order": 1}', '{"order": 2, "flaky": true}',
+                 "not json")  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    assert len(sent.stdout.split()) == 3, "one message id per body"
+    ran = stalk(sqs_endpoint, "run", "workers.app:handler", *common, "--until-empty",
+                "--polling-period", "0.1", "--max-polling-period", "0.5")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    (dead,) = raw_receive(sqs_endpoint, error_url)
+    assert dead["Body"] == "not json"
+    stats = stalk(sqs_endpoint, "stats", *common, "--json")
+    assert stats.returncode == 0, stats.stderr
+    counts = json.loads(stats.stdout)
+    assert counts["ready"] == 0 and counts["in_flight"] == 0
+
+
+def test_missing_queue_is_one_clear_line_and_exit_1(sqs_endpoint: str) -> None:
+    ran = stalk(sqs_endpoint, "run", "workers.app:handler", "--backend", "sqs",
+                "--source", "nowhere-queue", "--until-empty")  # fmt: skip
+    assert ran.returncode == 1
+    assert "'nowhere-queue' does not exist" in ran.stderr
+    assert "Traceback" not in ran.stderr
