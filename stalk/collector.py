@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any, Literal
 
 from stalk.backoff import PollBackoff
@@ -23,11 +23,11 @@ from stalk.collectors.base import Adapter, PollingAdapter, PushAdapter
 from stalk.errors import ConfigError
 from stalk.execution import AsyncExecutor, Executor, ThreadExecutor
 from stalk.handler import prepare, resolve_exceptions
-from stalk.message import ATTR_FIRST_FAILURE_AT, Failure, Message
+from stalk.message import Message
 from stalk.metrics import CollectorStats
 from stalk.options import CollectorOptions
-from stalk.policy import Ack, Action, Drop, RetryLater, RetryPolicy, RouteToError, decide
-from stalk.result import Result
+from stalk.policy import RetryPolicy
+from stalk.settle import Observer, Settler
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +70,28 @@ class BaseCollector:
         self._want_awake = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: Executor | None = None
-        #: message -> monotonic time of its last lease extension (or receipt).
-        self._inflight: dict[Message, float] = {}
-        self._pending_acks: list[Message] = []
-        self._ack_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._retry_due_at = 0.0
+        self._settler = Settler(self.adapter, self.stats, self._policy, self._spawn, self._freed)
+        #: message -> monotonic time of its receipt or last lease extension.
+        self._inflight = self._settler.inflight
         self._until_empty = False
         self._last_intake = time.monotonic()
         self.stop_now = False
         self._poll_task: asyncio.Task[Any] | None = None
         self._push_started = False
-        #: Optional observer of each handled message, called on the loop as
-        #: ``(message, action, handler_seconds)`` once the policy decided and before settling
-        #: (outcome logs, tests). Left ``None`` it costs the hot path one attribute check.
-        self.on_outcome: Callable[[Message, Action, float], None] | None = None
 
     # ----------------------------------------------------------------- public controls
+    @property
+    def on_outcome(self) -> Observer | None:
+        """Optional observer of each handled message, called on the loop as
+        ``(message, action, handler_seconds)`` once the policy decided and before settling
+        (outcome logs, autoscaling, recycling)."""
+        return self._settler.on_outcome
+
+    @on_outcome.setter
+    def on_outcome(self, observer: Observer | None) -> None:
+        self._settler.on_outcome = observer
+
     @property
     def in_flight(self) -> int:
         """Messages received and not yet settled."""
@@ -174,7 +179,11 @@ class BaseCollector:
         self.healthy, self.health_reason = True, "ok"
         executor_cls = AsyncExecutor if self.handler.is_async else ThreadExecutor
         self._executor = executor_cls(
-            self.handler, self._on_done, self.concurrency, opts.handler_timeout_s, self._fatal_types
+            self.handler,
+            self._settler.on_done,
+            self.concurrency,
+            opts.handler_timeout_s,
+            self._fatal_types,
         )
         self._executor.start()
         self._spawn(self._housekeeping(), "stalk-housekeeping")
@@ -279,7 +288,7 @@ class BaseCollector:
         logger.info("%s: draining (send again to stop at once)", sig.name)
         self.stop()
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -324,7 +333,7 @@ class BaseCollector:
                 backoff.reset()
                 if self._draining():
                     for message in messages:
-                        await self._release_quietly(message)
+                        await self._settler.release(message)
                     return
                 self._accept(messages)
                 continue
@@ -345,7 +354,7 @@ class BaseCollector:
 
     async def _drained(self) -> bool:
         """True when nothing is in flight, no retry of ours is pending, and the broker agrees."""
-        if self._inflight or time.monotonic() < self._retry_due_at:
+        if self._inflight or time.monotonic() < self._settler.retry_due_at:
             return False
         if not self.adapter.features.backlog:
             return True
@@ -368,7 +377,7 @@ class BaseCollector:
 
     def _accept_one(self, message: Message) -> None:
         if self.state in ("draining", "stopped"):
-            self._spawn(self._release_quietly(message), "stalk-release")
+            self._spawn(self._settler.release(message), "stalk-release")
             return
         self._accept((message,))
 
@@ -381,131 +390,12 @@ class BaseCollector:
         for message in messages:
             self._inflight[message] = now
             if len(message.body) > limit:
-                error = ValueError(
-                    f"body of {len(message.body)} bytes is over max_message_bytes={limit}"
-                )
-                self._spawn(
-                    self._route(message, RouteToError("too_large"), Result(error, fatal=True)),
-                    "stalk-route",
-                )
+                self._settler.reject_oversize(message, limit)
             else:
                 self._executor.submit(message)
 
-    # ----------------------------------------------------------------- settling
-    def _on_done(self, message: Message, result: Result, seconds: float) -> None:
-        self.stats.observe(seconds)
-        action = decide(result, message.attempt, self._policy)
-        hook = self.on_outcome
-        if hook is not None:
-            try:
-                hook(message, action, seconds)
-            except Exception:
-                logger.exception("on_outcome observer failed for message %s", message.id)
-        if isinstance(action, Ack):
-            self._queue_ack(message)
-        elif isinstance(action, Drop):
-            logger.warning(
-                "dropping message %s after error %r (unflagged_error=drop)",
-                message.id,
-                result.error,
-                extra={"message_id": message.id, "attempt": message.attempt},
-            )
-            self.stats.dropped += 1
-            self._queue_ack(message)
-        else:
-            self._spawn(self._route(message, action, result, seconds), "stalk-route")
-
-    def _queue_ack(self, message: Message) -> None:
-        self._pending_acks.append(message)
-        if self._ack_task is None:
-            self._ack_task = asyncio.get_running_loop().create_task(self._flush_acks())
-
-    async def _flush_acks(self) -> None:
-        try:
-            while self._pending_acks:
-                batch, self._pending_acks = self._pending_acks, []
-                try:
-                    await self.adapter.ack(batch)
-                    self.stats.acked += len(batch)
-                except Exception as exc:
-                    self.stats.failed_settles += len(batch)
-                    logger.error(
-                        "ack of %d messages failed (%s); the broker will redeliver them",
-                        len(batch),
-                        exc,
-                    )
-                for message in batch:
-                    self._finish(message)
-        finally:
-            self._ack_task = None
-
-    async def _route(
-        self,
-        message: Message,
-        action: RetryLater | RouteToError,
-        result: Result,
-        seconds: float | None = None,
-    ) -> None:
-        outcome = "retry" if isinstance(action, RetryLater) else f"error:{action.reason}"
-        context = {
-            "message_id": message.id,
-            "attempt": message.attempt,
-            "source": message.source,
-            "backend": self.adapter.name,
-            "outcome": outcome,
-            "duration_s": None if seconds is None else round(seconds, 6),
-        }
-        try:
-            if isinstance(action, RetryLater):
-                message.attributes.setdefault(ATTR_FIRST_FAILURE_AT, f"{time.time():.6f}")
-                await self.adapter.retry_later(message, action.delay_s)
-                self.stats.retried += 1
-                self._retry_due_at = max(self._retry_due_at, time.monotonic() + action.delay_s)
-                logger.info(
-                    "retry of %s in %.2fs: %s",
-                    message.id,
-                    action.delay_s,
-                    result.error,
-                    extra=context,
-                )
-                self._finish(message)
-                return
-            failure = Failure.build(message, action.reason, result.error)
-            await self.adapter.publish_error(message, failure)
-            self.stats.errored[action.reason] += 1
-            logger.warning(
-                "message %s to error topic (%s): %s",
-                message.id,
-                action.reason,
-                failure.error,
-                extra=context,
-            )
-        except Exception as exc:  # never ack what was not retried or routed
-            self.stats.failed_settles += 1
-            logger.error(
-                "could not %s message %s (%s); left to broker redelivery",
-                "retry" if isinstance(action, RetryLater) else "route",
-                message.id,
-                exc,
-                extra=context,
-            )
-            if not self.adapter.features.visibility_timeout:
-                await self._release_quietly(message)
-            self._finish(message)
-            return
-        self._queue_ack(message)
-
-    def _finish(self, message: Message) -> None:
-        if self._inflight.pop(message, None) is not None:
-            self._slot_free.set()
-
-    async def _release_quietly(self, message: Message) -> None:
-        try:
-            await self.adapter.release(message)
-            self.stats.released += 1
-        except Exception as exc:
-            logger.warning("release of %s failed (%s); it returns after its lease", message.id, exc)
-        self._finish(message)
+    def _freed(self) -> None:
+        self._slot_free.set()
 
     # ----------------------------------------------------------------- heartbeat, watchdog
     async def _housekeeping(self) -> None:
@@ -552,7 +442,7 @@ class BaseCollector:
                 logger.warning("pause on shutdown failed: %s", exc)
         await self._wait_poll_done(grace_s)
         for message in self._executor.take_unstarted():
-            await self._release_quietly(message)
+            await self._settler.release(message)
         deadline = time.monotonic() + grace_s
         while self._inflight and time.monotonic() < deadline and not self.stop_now:
             self._slot_free.clear()
@@ -563,9 +453,9 @@ class BaseCollector:
         for message in list(self._executor.running):
             if self._executor.abandon(message):
                 logger.warning("handler still running for %s at shutdown; releasing it", message.id)
-                await self._release_quietly(message)
+                await self._settler.release(message)
         for message in self._executor.take_unstarted():
-            await self._release_quietly(message)
+            await self._settler.release(message)
         await self._settle_pending(grace_s=max(1.0, grace_s))
         await self._executor.shutdown()
         for task in list(self._tasks):
@@ -596,7 +486,7 @@ class BaseCollector:
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for message in list(self._inflight):
-            await self._release_quietly(message)
+            await self._settler.release(message)
 
 
 class Stopping:
