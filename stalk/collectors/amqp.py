@@ -277,8 +277,8 @@ class AMQPAdapter(PushAdapter):
     async def _on_redelivery(self, raw: DeliveredMessage, attempt: int, counted: bool) -> None:
         """Count a redelivery in the broker before handling it again (module docstring)."""
         message = self._message(raw, attempt - 1 if counted else attempt)
-        _, publisher = self._ready()
         try:
+            _, publisher = self._ready()
             if counted or attempt + 1 > self.max_retries + 1:
                 text = (
                     f"delivered {message.attempt} times without being settled: the worker died "
