@@ -45,7 +45,7 @@ def test_open_creates_private_directory_and_file(db: Path) -> None:
         adapter = await opened(db)
         await adapter.publish(b"x")
         for suffix in ("", "-wal", "-shm"):
-            assert stat.S_IMODE(Path(f"{db}{suffix}").stat().st_mode) == 0o600, suffix
+            assert stat.S_IMODE(os.stat(f"{db}{suffix}").st_mode) == 0o600, suffix
         await adapter.close()
         await adapter.close()  # idempotent
 
