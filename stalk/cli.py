@@ -21,12 +21,13 @@ from pydantic import ValidationError
 from stalk import __version__
 from stalk.collector import BaseCollector
 from stalk.collectors import registry
-from stalk.collectors.base import Adapter
+from stalk.collectors.base import Adapter, Backlog
 from stalk.errors import BackendError, ConfigError, HandlerImportError, StalkError
 from stalk.handler import load
 from stalk.logs import configure, redact
 from stalk.ops import OpsConfig, add_run_flags, run_operations
 from stalk.options import CollectorOptions
+from stalk.redrive import redrive_by_name
 from stalk.supervisor import supervise
 from stalk.tracing import traced, wanted_tracing
 
@@ -96,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--error-topic", default=None, help="default: <source>-errors")
     for flag, (field, kind) in RUN_FLAGS.items():
         run.add_argument(flag, dest=field, type=kind, default=None)
-    run.add_argument(
-        "--unflagged-error", choices=("error_topic", "retry", "drop"), default=None
-    )
+    run.add_argument("--unflagged-error", choices=("error_topic", "retry", "drop"), default=None)
     run.add_argument(
         "--fatal-exception",
         dest="fatal_exceptions",
@@ -121,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="show backlog counts of SOURCE")
     _common(stats)
     stats.add_argument("--json", action="store_true")
+
+    redrive = sub.add_parser("redrive", help="move messages from an error topic back to a source")
+    _common(redrive)
+    redrive.add_argument("--from", dest="from_source", required=True, metavar="ERRORS")
+    redrive.add_argument("--to", dest="to_source", required=True, metavar="SOURCE")
+    redrive.add_argument("--limit", type=int, default=None, help="at most N messages (all)")
 
     backends = sub.add_parser("backends", help="list adapters and whether they load here")
     backends.add_argument("--log-format", choices=("text", "json"), default="text")
@@ -181,11 +186,15 @@ async def _send(adapter: Adapter, bodies: list[bytes], attrs: dict[str, str], de
     adapter.bind(None, None)
     await adapter.open()
     try:
-        for body in bodies:
-            message_id = await adapter.publish(body, attrs, delay)
-            print(message_id)
+        publish_batch = getattr(adapter, "publish_batch", None)
+        if publish_batch is not None and len(bodies) > 1:  # one transaction: all or nothing
+            ids = await publish_batch(bodies, attrs, delay)
+        else:
+            ids = [await adapter.publish(body, attrs, delay) for body in bodies]
     finally:
         await adapter.close()
+    for message_id in ids:
+        print(message_id)
     return 0
 
 
@@ -199,29 +208,59 @@ def cmd_send(args: argparse.Namespace) -> int:
     return asyncio.run(_send(make_adapter(args), bodies, dict(args.attribute), args.delay))
 
 
-async def _stats(adapter: Adapter) -> dict[str, Any] | None:
+async def _stats(adapter: Adapter, topic: str | None) -> dict[str, Backlog | None]:
+    """Return counts per source: the one source, or each subscription of ``topic``."""
     adapter.bind(None, None)
     await adapter.open()
     try:
-        backlog = await adapter.backlog()
+        topic_stats = getattr(adapter, "topic_stats", None)
+        if topic and topic_stats is not None:
+            return dict(await topic_stats(topic))
+        return {adapter.source or "?": await adapter.backlog()}
     finally:
         await adapter.close()
-    return None if backlog is None else backlog.as_dict()
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """Return rows as an aligned text table, ``-`` for unknown values."""
+    columns = list(rows[0])
+    cells = [[_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    adapter = make_adapter(args)
-    counts = asyncio.run(_stats(adapter))
-    if counts is None:
+    topic = dict(args.option).get("topic")
+    counts = asyncio.run(_stats(make_adapter(args), topic))
+    if any(backlog is None for backlog in counts.values()):
         print(f"stalk: backend {args.backend!r} cannot report backlog counts", file=sys.stderr)
         return EXIT_RUNTIME
-    row = {"backend": args.backend, "source": args.source, **counts}
+    rows = [{"source": name, **b.as_dict()} for name, b in counts.items() if b is not None]
     if args.json:
-        print(json.dumps(row))
+        if topic:
+            print(json.dumps({"backend": args.backend, "topic": topic, "subscriptions": rows}))
+        else:
+            print(json.dumps({"backend": args.backend, **rows[0]}))
+    elif rows:
+        print(render_table(rows))
     else:
-        width = max(len(k) for k in row)
-        for key, value in row.items():
-            print(f"{key:<{width}}  {'-' if value is None else value}")
+        print(f"topic {topic!r} has no subscriptions")
+    return 0
+
+
+def cmd_redrive(args: argparse.Namespace) -> int:
+    options = {k: v for k, v in args.option if k != "topic"}  # a redrive must not fan out
+    cls = registry.get(args.backend)
+    moved = asyncio.run(redrive_by_name(cls, options, args.from_source, args.to_source, args.limit))
+    print(f"stalk: moved {moved} message(s) from {args.from_source} to {args.to_source}")
     return 0
 
 
@@ -232,7 +271,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "send": cmd_send, "stats": cmd_stats, "backends": cmd_backends}
+COMMANDS = {
+    "run": cmd_run,
+    "send": cmd_send,
+    "stats": cmd_stats,
+    "redrive": cmd_redrive,
+    "backends": cmd_backends,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

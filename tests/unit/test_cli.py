@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,3 +108,33 @@ def test_redact_hides_url_passwords(url: str) -> None:
     from stalk.logs import redact
 
     assert "s3cret" not in redact(f"cannot reach {url} now")
+
+
+def test_cli_send_stats_redrive_on_local(tmp_path: Path) -> None:
+    env = {"STALK_LOCAL_PATH": str(tmp_path / "q.db")}
+    assert stalk("send", "--source", "jobs", "-", env=env, stdin="not json\n{\"order\": 7}\n"
+                 ).returncode == 0
+    run = stalk("run", "workers.app:handler", "--source", "jobs", "--until-empty", env=env)
+    assert run.returncode == 0, run.stderr
+    assert "1 to error topic jobs-errors (fatal: 1)" in run.stdout
+    table = stalk("stats", "--source", "jobs-errors", env=env)
+    assert table.stdout.splitlines()[0].split()[:3] == ["source", "ready", "delayed"]
+    assert table.stdout.splitlines()[1].split()[:2] == ["jobs-errors", "1"]
+    moved = stalk("redrive", "--from", "jobs-errors", "--to", "jobs", env=env)
+    assert moved.returncode == 0 and "moved 1" in moved.stdout
+    as_json = json.loads(stalk("stats", "--source", "jobs", "--json", env=env).stdout)
+    assert (as_json["source"], as_json["ready"]) == ("jobs", 1)
+
+
+def test_cli_stats_per_subscription_of_a_topic(tmp_path: Path) -> None:
+    env = {"STALK_LOCAL_PATH": str(tmp_path / "t.db")}
+    for sub in ("billing", "audit"):  # running a subscriber creates its subscription
+        proc = stalk("run", "workers.app:handler", "--source", sub, "--option", "topic=orders",
+                     "--until-empty", env=env)
+        assert proc.returncode == 0, proc.stderr
+    assert stalk("send", "--source", "billing", "--option", "topic=orders", "{}",
+                 env=env).returncode == 0
+    out = json.loads(stalk("stats", "--source", "billing", "--option", "topic=orders", "--json",
+                           env=env).stdout)
+    ready = {row["source"]: row["ready"] for row in out["subscriptions"]}
+    assert ready == {"audit": 1, "billing": 1}
