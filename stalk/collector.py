@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 State = Literal["asleep", "awake", "draining", "stopped"]
 
+#: Longest wait for more free slots before a poll (see ``_gather_slots``).
+GATHER_S = 0.002
+
 #: Longest pause of the housekeeping tick (heartbeats and the thread watchdog).
 MAX_TICK_S = 1.0
 
@@ -314,6 +317,8 @@ class BaseCollector:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            if free < min(opts.batch_size, self.concurrency) // 2 and self._inflight:
+                free = await self._gather_slots(free)
             started = time.monotonic()
             try:
                 messages = await adapter.get_messages(min(free, opts.batch_size), backoff.current_s)
@@ -341,6 +346,21 @@ class BaseCollector:
                 self._spawn(self._shutdown(opts.shutdown_grace_s), "stalk-stop")
                 return
             await self._idle(backoff.next() - (time.monotonic() - started))
+
+    async def _gather_slots(self, free: int) -> int:
+        """Wait a moment for more slots to free up, so one poll fetches a batch, not one message.
+
+        Fast handlers free several slots within ``GATHER_S``; slow ones cost at most that delay.
+        Measured on the local backend, sync handlers at concurrency 8 otherwise lease one message
+        per poll a third of the time.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GATHER_S):
+                while free < min(self.options.batch_size, self.concurrency) // 2:
+                    self._slot_free.clear()
+                    await self._slot_free.wait()
+                    free = self.concurrency - len(self._inflight)
+        return max(free, self.concurrency - len(self._inflight))
 
     async def _idle(self, seconds: float) -> None:
         if seconds > 0 and self.state == "awake":
@@ -386,11 +406,18 @@ class BaseCollector:
         now = time.monotonic()
         self._last_intake = now
         limit = self.options.max_message_bytes
+        ttl_s = self.options.message_ttl_s
         self.stats.received += len(messages)
         for message in messages:
             self._inflight[message] = now
             if len(message.body) > limit:
-                self._settler.reject_oversize(message, limit)
+                self._settler.reject(
+                    message,
+                    "too_large",
+                    f"body of {len(message.body)} bytes is over max_message_bytes={limit}",
+                )
+            elif ttl_s is not None and _expired(message, ttl_s):
+                self._settler.reject(message, "expired", f"older than message_ttl_s={ttl_s}")
             else:
                 self._executor.submit(message)
 
@@ -487,6 +514,10 @@ class BaseCollector:
             await asyncio.sleep(0.01)
         for message in list(self._inflight):
             await self._settler.release(message)
+
+
+def _expired(message: Message, ttl_s: float) -> bool:
+    return message.enqueued_at is not None and time.time() - message.enqueued_at > ttl_s
 
 
 class Stopping:

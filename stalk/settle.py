@@ -78,11 +78,10 @@ class Settler:
         else:
             self.spawn(self.route(message, action, result, seconds), "stalk-route")
 
-    def reject_oversize(self, message: Message, limit: int) -> None:
-        """Route a body over ``max_message_bytes`` to the error topic without handling it."""
-        error = ValueError(f"body of {len(message.body)} bytes is over max_message_bytes={limit}")
+    def reject(self, message: Message, reason: str, why: str) -> None:
+        """Route a message to the error topic without handling it (too large, expired)."""
         self.spawn(
-            self.route(message, RouteToError("too_large"), Result(error, fatal=True)),
+            self.route(message, RouteToError(reason), Result(ValueError(why), fatal=True)),
             "stalk-route",
         )
 

@@ -256,3 +256,21 @@ def test_engine_push_adapter_asleep_takes_nothing() -> None:
         await c.stop()
 
     run(scenario())
+
+
+def test_engine_message_ttl_routes_expired_unhandled() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        broker.put("q", b"old", {}, 0)
+        broker.queue("q").ready[0].enqueued_at -= 120
+        broker.put("q", b"new", {}, 0)
+        rec = Recorder()
+        c = BaseCollector(MemoryAdapter("q", broker=broker), rec, options(message_ttl_s=60))
+        await c.serve(until_empty=True)
+        assert rec.bodies() == [b"new"]
+        assert c.stats.errored["expired"] == 1
+        dead = broker.lease("q-errors", 10, 30)
+        assert [m.body for m in dead] == [b"old"]
+        assert dead[0].attributes["stalk-reason"] == "expired"
+
+    run(scenario())
