@@ -24,11 +24,15 @@ message to its error queue (with the failure metadata) on the failing attempt ``
 (a few extra absorb shutdown releases and crashes, which also count a receive): stalk then routes
 every handler failure itself, and the native DLQ catches only what no worker could settle (a
 worker killed mid-message, an error queue that refuses copies). A lower ``maxReceiveCount`` wins
-silently. Pointing ``--error-topic`` at the DLQ puts both kinds in one place.
+without metadata (stalk logs the policy at start). ``--error-topic`` naming the DLQ puts both
+kinds in one place.
 
 Error queue: ``<source>-errors`` (``<name>-errors.fifo`` for FIFO) unless given. The copy is a
-SendMessage with the body text exactly as received and the failure as attributes, see
-``_sqs_wire`` for the 10-attribute rule; the original is deleted only after SQS accepted the copy.
+SendMessage with the body text exactly as received and the failure as attributes (``_sqs_wire``
+has the 10-attribute rule and how non-text bodies travel); the original is deleted only after SQS
+accepted the copy. A missing error queue is a warning at start, not an error (``send``,
+``stats`` and ``redrive`` need none); failed messages then stay in the source until it exists.
+``--option create_queues=true`` creates missing queues, for development.
 
 FIFO (``.fifo``): ``publish`` sets MessageGroupId (attribute ``stalk-group-id``, else the
 ``group_id`` setting) and MessageDeduplicationId (``stalk-deduplication-id``, else random); error
