@@ -36,12 +36,18 @@ def test_send_then_run_until_empty_with_aws_endpoint_url(sqs_endpoint: str) -> N
     ran = stalk(sqs_endpoint, "run", "workers.app:handler", *common, "--until-empty",
                 "--polling-period", "0.1", "--max-polling-period", "0.5")  # fmt: skip
     assert ran.returncode == 0, ran.stderr
-    (dead,) = raw_receive(sqs_endpoint, error_url)
+    (dead,) = raw_receive(sqs_endpoint, error_url, VisibilityTimeout=0)
     assert dead["Body"] == "not json"
     stats = stalk(sqs_endpoint, "stats", *common, "--json")
     assert stats.returncode == 0, stats.stderr
     counts = json.loads(stats.stdout)
     assert counts["ready"] == 0 and counts["in_flight"] == 0
+    moved = stalk(sqs_endpoint, "redrive", "--backend", "sqs", "--from", f"{queue}-errors",
+                  "--to", queue)  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    (back,) = raw_receive(sqs_endpoint, create_queue(sqs_endpoint, queue))
+    assert back["Body"] == "not json"
+    assert back["MessageAttributes"]["stalk-reason"]["StringValue"] == "fatal"
 
 
 def test_missing_queue_is_one_clear_line_and_exit_1(sqs_endpoint: str) -> None:
