@@ -35,7 +35,9 @@ T = TypeVar("T")
 
 #: Most entries one ReceiveMessage or *Batch call takes.
 MAX_BATCH = 10
-#: System attributes asked for on every receive.
+#: System attributes asked for on every receive. They go in MessageSystemAttributeNames and
+#: again in the deprecated AttributeNames, which AWS still takes, for SQS emulators that read
+#: only the old name (without ApproximateReceiveCount, attempts could not be counted).
 SYSTEM_ATTRIBUTES: Any = [
     "ApproximateReceiveCount",
     "SentTimestamp",
@@ -179,6 +181,7 @@ class SQSCalls:
             got = client.receive_message(
                 QueueUrl=url, MaxNumberOfMessages=count, WaitTimeSeconds=wait_s,
                 VisibilityTimeout=lease_s, MessageSystemAttributeNames=SYSTEM_ATTRIBUTES,
+                AttributeNames=SYSTEM_ATTRIBUTES,
                 MessageAttributeNames=["All"], **extra,
             ).get("Messages", [])  # fmt: skip
             with lock:

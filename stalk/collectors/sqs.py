@@ -139,6 +139,7 @@ class SQSAdapter(SQSSettling, PollingAdapter):
         self._extending: set[Message] = set()
         self._extend_task: asyncio.Task[None] | None = None
         self._skips: dict[str, int] = {}
+        self._count_warned = False
 
     @classmethod
     def from_options(
@@ -232,6 +233,8 @@ class SQSAdapter(SQSSettling, PollingAdapter):
             max(0, min(self.settings.wait_time_s, int(wait_s))),  # never longer than asked
             math.ceil(self.visibility_timeout_s), self._fifo,
         )  # fmt: skip
+        if raw and "ApproximateReceiveCount" not in raw[0].get("Attributes", {}):
+            self._warn_no_count()
         messages: list[Message] = []
         for item in raw:
             message = wire.decode(item, self._name, self._skips)
@@ -240,6 +243,13 @@ class SQSAdapter(SQSSettling, PollingAdapter):
             else:
                 messages.append(message)
         return self._gate.admit(messages) if self._gate is not None else messages
+
+    def _warn_no_count(self) -> None:
+        if not self._count_warned:
+            self._count_warned = True
+            logger.warning("SQS endpoint %s returns no ApproximateReceiveCount: every delivery "
+                           "looks like attempt 1, so max_retries cannot stop a failing message; "
+                           "upgrade the emulator or use AWS", self.sqs.where())  # fmt: skip
 
     async def _forward_parked(self, message: Message) -> None:
         """Hide a parked copy again for what remains, or re-send it fresh once it is due."""
