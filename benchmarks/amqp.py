@@ -1,6 +1,6 @@
 """stalk's amqp adapter beside a raw aio-pika consumer and FastStream, same broker, same run.
 
-Usage: ``python -m benchmarks.amqp [--messages N] [--prefetch 10,100] [--repeat R] [--url URL]``
+Usage: ``python -m benchmarks.amqp [--messages N] [--prefetch 1,10,100] [--repeat R] [--url URL]``
 (needs a RabbitMQ: ``scripts/start-rabbitmq.sh``; FastStream is a benchmark-only dependency,
 ``pip install 'faststream[rabbit]'``, skipped when missing).
 
@@ -142,7 +142,9 @@ def contenders() -> dict[str, Drain]:
     return found
 
 
-async def measure(url: str, n: int, prefetches: list[int], repeat: int) -> dict[tuple[str, int], float]:
+async def measure(
+    url: str, n: int, prefetches: list[int], repeat: int
+) -> dict[tuple[str, int], float]:
     """Return median msg/s per (contender, prefetch)."""
     rates: dict[tuple[str, int], list[float]] = {}
     for prefetch in prefetches:
@@ -174,7 +176,7 @@ def table(rates: dict[tuple[str, int], float], n: int, repeat: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.amqp", description=__doc__)
     parser.add_argument("--messages", type=int, default=20_000)
-    parser.add_argument("--prefetch", default="10,100")
+    parser.add_argument("--prefetch", default="1,10,100")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--url", default=DEFAULT_URL)
     args = parser.parse_args()

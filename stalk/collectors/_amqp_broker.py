@@ -1,4 +1,4 @@
-"""The amqp adapter's broker plumbing: connect, declare, confirmed publish, the settle book.
+"""The amqp adapter's broker plumbing: connect, declare, confirmed publish, queue counts.
 
 Split from ``amqp.py`` to keep each module readable; the adapter is the only user. Everything
 here raises stalk's own errors (:mod:`stalk.errors`) with one line naming the broker without
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -25,7 +24,6 @@ from aio_pika.exceptions import (
     ProbableAuthenticationError,
     PublishError,
 )
-from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
 from stalk.collectors import _amqp_topology as topo
@@ -248,65 +246,3 @@ async def count(connection: AbstractRobustConnection, queue: str) -> int | None:
             await channel.close()
         except FAILED as exc:
             logger.debug("closing a count channel: %s", exc)
-
-
-class Unsettled:
-    """The book of delivery tags on the consume channel not yet acked or nacked.
-
-    RabbitMQ closes a channel that settles a tag twice, and ``basic.ack(multiple)`` may only cover
-    tags that are all done: both need this book. Tags restart at 1 on every new channel, so the
-    book belongs to one channel and starts over when deliveries come from another; a delivery of
-    an older channel is not held (RabbitMQ requeued it when that channel closed).
-    """
-
-    def __init__(self) -> None:
-        self.channel: AbstractChannel | None = None
-        self.tags: set[int] = set()
-
-    def add(self, raw: DeliveredMessage) -> None:
-        """Record a delivery as unsettled."""
-        if raw.channel is not self.channel:
-            self.channel, self.tags = raw.channel, set()
-        self.tags.add(raw.delivery_tag or 0)
-
-    def holds(self, raw: DeliveredMessage) -> bool:
-        """True while ``raw`` is unsettled on the live channel."""
-        return (
-            raw.channel is self.channel
-            and not raw.channel.is_closed
-            and (raw.delivery_tag or 0) in self.tags
-        )
-
-    def take(self, raw: DeliveredMessage) -> bool:
-        """Claim the one settle of ``raw``; False if settled already or no longer held."""
-        if not self.holds(raw):
-            return False
-        self.tags.discard(raw.delivery_tag or 0)
-        return True
-
-    async def ack(self, raws: Sequence[DeliveredMessage]) -> int:
-        """Ack what is still held, in as few frames as the book allows; return how many."""
-        tags = sorted(raw.delivery_tag or 0 for raw in raws if self.take(raw))
-        channel = self.channel
-        if not tags or channel is None:
-            return 0
-        oldest = min(self.tags, default=tags[-1] + 1)
-        covered = [t for t in tags if t < oldest]
-        try:
-            if len(covered) > 1:  # all up to the oldest unsettled are done: one frame for them
-                await channel.basic_ack(covered[-1], multiple=True, wait=False)
-                tags = tags[len(covered) :]
-            for tag in tags:
-                await channel.basic_ack(tag, wait=False)
-        except FAILED as exc:
-            logger.info("acks skipped (%s); RabbitMQ redelivers those messages", exc)
-            return 0
-        return len(tags) + (len(covered) if len(covered) > 1 else 0)
-
-    async def nack(self, raw: DeliveredMessage) -> None:
-        """Requeue ``raw`` if still held."""
-        if self.take(raw):
-            try:
-                await raw.channel.basic_nack(raw.delivery_tag or 0, requeue=True, wait=False)
-            except FAILED as exc:
-                logger.debug("nack skipped: %s", exc)

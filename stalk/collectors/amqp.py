@@ -1,19 +1,17 @@
 """RabbitMQ (AMQP 0-9-1) adapter on aio-pika: push delivery, delays and attempts kept in the broker.
 
 Flow control
-    One consumer on its own channel, ``basic.qos`` prefetch = the engine's concurrency (or the
-    ``prefetch`` option). RabbitMQ applies a new prefetch only to consumers created after it, so
-    ``set_max_in_flight`` sets the QoS and re-consumes; what the old consumer holds stays ackable
-    (for a moment up to old in-flight + n are unsettled). ``pause`` = ``basic.cancel``, ``resume``
-    = a new ``basic.consume``. The consumer sits on aiormq, aio-pika's transport, without
-    aio-pika's per-message wrapper object and task: measured 13-50% faster (benchmarks/amqp.py).
+    One consumer on its own channel (:mod:`stalk.collectors._amqp_consumer`), ``basic.qos``
+    prefetch = the engine's concurrency (or the ``prefetch`` option); a change re-consumes, as
+    RabbitMQ applies QoS to new consumers only (for a moment up to old in-flight + n are
+    unsettled). ``pause`` = ``basic.cancel``, ``resume`` = a new ``basic.consume``.
 
 Settling
     ``ack`` after handling, batched: one ``basic.ack(multiple)`` covers a batch up to the oldest
-    delivery still unsettled. ``release`` = ``basic.nack(requeue)``. Each delivery is settled at
-    most once (RabbitMQ closes the channel on a second ack). Every publish stalk makes (retry,
-    error copy, poison count, ``stalk send``) uses a second channel in confirm mode with
-    ``mandatory`` and returns only after the confirm; the original is acked only after it.
+    delivery still unsettled; each delivery is settled at most once. ``release`` =
+    ``basic.nack(requeue)``. Every publish stalk makes (retry, error copy, poison count, ``stalk
+    send``) uses a second channel in confirm mode with ``mandatory`` and returns only after the
+    confirm; the original is acked only after it.
 
 Delayed retry, no plugin
     A retry is a copy in ``<source>.stalk-delay.<ms>``, a queue with that TTL dead-lettering back
@@ -57,11 +55,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
 from stalk.collectors import _amqp_broker as broker
 from stalk.collectors import _amqp_topology as topo
+from stalk.collectors._amqp_consumer import Consumer
 from stalk.collectors._amqp_topology import AMQPSettings
 from stalk.collectors.base import (
     AdapterFeatures,
@@ -114,14 +113,9 @@ class AMQPAdapter(PushAdapter):
         #: Poison limit (see the module docstring).
         self.max_retries = self.settings.max_retries
         self._conn: AbstractRobustConnection | None = None
-        self._consume_ch: AbstractRobustChannel | None = None
         self._publisher: broker.Publisher | None = None
+        self._consumer: Consumer | None = None
         self._deliver: Deliver | None = None
-        self._prefetch = 1
-        self._want_consumer = False
-        self._tag: str | None = None
-        self._flow = asyncio.Lock()
-        self._unsettled = broker.Unsettled()
         #: delay bucket (ms) -> monotonic time it was last declared; outlives a reconnect.
         self._buckets: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,10 +154,10 @@ class AMQPAdapter(PushAdapter):
     def _errors(self) -> str:
         return self.error_topic or self.default_error_topic(self._source)
 
-    def _ready(self) -> tuple[AbstractRobustChannel, broker.Publisher]:
-        if self._consume_ch is None or self._publisher is None:
+    def _ready(self) -> broker.Publisher:
+        if self._publisher is None:
             raise BackendError(f"{self.describe()} is not open")
-        return self._consume_ch, self._publisher
+        return self._publisher
 
     # ------------------------------------------------------------------ lifecycle
     async def open(self) -> None:
@@ -172,21 +166,26 @@ class AMQPAdapter(PushAdapter):
             return
         self._conn = await broker.connect(self.settings, f"stalk {self.source}")
         try:
-            self._consume_ch = await self._conn.channel(publisher_confirms=False)
+            consume_ch = await self._conn.channel(publisher_confirms=False)
             publish_ch = await self._conn.channel(on_return_raises=True)
             self._publisher = broker.Publisher(
                 publish_ch, self._source, self.settings, self._buckets
             )
-            await broker.declare(self._consume_ch, self.settings, self._source, self._errors)
+            await broker.declare(consume_ch, self.settings, self._source, self._errors)
         except BaseException:
             await self.close()
             raise
-        self._consume_ch.reopen_callbacks.add(self._on_reopen)
+        self._consumer = Consumer(
+            consume_ch, self._source, self._on_delivery, self.settings.timeout_s
+        )
+        consume_ch.reopen_callbacks.add(self._on_reopen)
 
     async def close(self) -> None:
         """Close the connection; RabbitMQ requeues whatever is unacked. Idempotent."""
         conn, self._conn = self._conn, None
-        self._consume_ch, self._publisher, self._tag = None, None, None
+        if self._consumer is not None:
+            self._consumer.close()
+        self._publisher, self._consumer = None, None
         for task in list(self._tasks):
             task.cancel()
         if conn is not None:
@@ -201,71 +200,38 @@ class AMQPAdapter(PushAdapter):
         task.add_done_callback(self._tasks.discard)
 
     def _on_reopen(self, *_: object) -> None:
-        """The consume channel came back (reconnect or channel error): consume on it again."""
-        logger.info("channel to %s reopened; topology restored", self.describe())
+        logger.info("channel to %s reopened; topology and consumer restored", self.describe())
         self._buckets.clear()  # a reset broker lost them: declare again
-        self._spawn(self._reconsume())
-
-    async def _reconsume(self) -> None:
-        async with self._flow:
-            self._tag = None
-            if self._want_consumer:
-                await self._consume()
 
     # ------------------------------------------------------------------ flow control
+    def _consumer_ready(self) -> Consumer:
+        if self._consumer is None:
+            raise BackendError(f"{self.describe()} is not open")
+        return self._consumer
+
     async def start(self, deliver: Deliver, max_in_flight: int) -> None:
         """Set the prefetch and start consuming; deliveries go to ``deliver`` on the loop."""
         self._deliver = deliver
-        self._prefetch = self.settings.prefetch or max_in_flight
-        consume_ch, _ = self._ready()
-        await consume_ch.set_qos(prefetch_count=self._prefetch, timeout=self.settings.timeout_s)
-        await self.resume()
+        consumer = self._consumer_ready()
+        await consumer.set_prefetch(self.settings.prefetch or max_in_flight)
+        await consumer.resume()
 
     async def pause(self) -> None:
         """Cancel the consumer; delivered messages stay ackable on the channel."""
-        async with self._flow:
-            self._want_consumer = False
-            await self._cancel()
+        await self._consumer_ready().pause()
 
     async def resume(self) -> None:
         """Consume again (a new consumer tag). Idempotent."""
-        async with self._flow:
-            self._want_consumer = self._deliver is not None
-            if self._tag is None and self._want_consumer:
-                await self._consume()
+        if self._deliver is not None:
+            await self._consumer_ready().resume()
 
     async def set_max_in_flight(self, n: int) -> None:
-        """Set prefetch to ``n`` and re-consume so RabbitMQ applies it (unless ``prefetch``)."""
-        if self.settings.prefetch or n == self._prefetch:
-            return
-        async with self._flow:
-            self._prefetch = n
-            consume_ch, _ = self._ready()
-            await consume_ch.set_qos(prefetch_count=n, timeout=self.settings.timeout_s)
-            if self._tag is not None:
-                await self._cancel()
-                await self._consume()
-
-    async def _consume(self) -> None:
-        consume_ch, _ = self._ready()
-        channel = await consume_ch.get_underlay_channel()
-        ok = await channel.basic_consume(
-            self._source, self._on_delivery, timeout=self.settings.timeout_s
-        )
-        self._tag = ok.consumer_tag
-
-    async def _cancel(self) -> None:
-        tag, self._tag = self._tag, None
-        if tag is not None and self._consume_ch is not None:
-            try:
-                channel = await self._consume_ch.get_underlay_channel()
-                await channel.basic_cancel(tag, timeout=self.settings.timeout_s)
-            except broker.FAILED as exc:  # the consumer died with its channel already
-                logger.debug("cancel of consumer %s: %s", tag, exc)
+        """Set prefetch to ``n`` (unless the ``prefetch`` option fixes it), live."""
+        if not self.settings.prefetch:
+            await self._consumer_ready().set_prefetch(n)
 
     # ------------------------------------------------------------------ deliveries
-    async def _on_delivery(self, raw: DeliveredMessage) -> None:
-        self._unsettled.add(raw)
+    def _on_delivery(self, raw: DeliveredMessage) -> None:
         headers = raw.header.properties.headers or {}
         counted = topo.header_int(headers.get(topo.X_DELIVERY_COUNT), 0)
         attempt = topo.header_int(headers.get(ATTR_ATTEMPT), 1) + counted
@@ -278,7 +244,7 @@ class AMQPAdapter(PushAdapter):
         """Count a redelivery in the broker before handling it again (module docstring)."""
         message = self._message(raw, attempt - 1 if counted else attempt)
         try:
-            _, publisher = self._ready()
+            publisher = self._ready()
             if counted or attempt + 1 > self.max_retries + 1:
                 text = (
                     f"delivered {message.attempt} times without being settled: the worker died "
@@ -314,19 +280,19 @@ class AMQPAdapter(PushAdapter):
     # ------------------------------------------------------------------ settling
     def _holds(self, message: Message) -> DeliveredMessage:
         raw: DeliveredMessage = message.receipt
-        if not self._unsettled.holds(raw):
+        if not self._consumer_ready().book.holds(raw):
             raise BackendError(f"message {message.id} is no longer held; RabbitMQ redelivers it")
         return raw
 
     async def ack(self, messages: Sequence[Message]) -> None:
         """Ack the batch; a delivery whose channel died is skipped (RabbitMQ redelivers it)."""
-        done = await self._unsettled.ack([m.receipt for m in messages])
+        done = await self._consumer_ready().book.ack([m.receipt for m in messages])
         if done < len(messages):
             logger.info("%d acks skipped: RabbitMQ redelivers those", len(messages) - done)
 
     async def release(self, message: Message) -> None:
         """Nack with requeue; a delivery whose channel died is already back in the queue."""
-        await self._unsettled.nack(message.receipt)
+        await self._consumer_ready().book.nack(message.receipt)
 
     async def retry_later(self, message: Message, delay_s: float) -> None:
         """Publish a copy (attempt + 1) to the delay bucket, await the confirm, ack the original.
@@ -335,7 +301,7 @@ class AMQPAdapter(PushAdapter):
             BackendError: the copy was not confirmed, or the original is no longer held.
         """
         raw = self._holds(message)
-        _, publisher = self._ready()
+        publisher = self._ready()
         headers = topo.republish_headers(
             raw.header.properties.headers,
             message.attributes,
@@ -349,7 +315,7 @@ class AMQPAdapter(PushAdapter):
     async def publish_error(self, message: Message, failure: Failure) -> None:
         """Publish the body with failure headers to the error queue; return after the confirm."""
         raw = self._holds(message)
-        _, publisher = self._ready()
+        publisher = self._ready()
         props = raw.header.properties
         headers = topo.republish_headers(props.headers, message.attributes, failure.to_attributes())
         await publisher.send(self._errors, broker.copy_of(message.body, headers, message.id, props))
@@ -360,7 +326,7 @@ class AMQPAdapter(PushAdapter):
         """Publish straight to the source queue (or its delay bucket), confirmed."""
         if len(body) > MAX_BODY_BYTES:
             raise MessageTooLarge(f"body of {len(body)} bytes is over RabbitMQ's {MAX_BODY_BYTES}")
-        _, publisher = self._ready()
+        publisher = self._ready()
         message_id = uuid.uuid4().hex
         queue = await publisher.route(delay_s)
         await publisher.send(queue, broker.copy_of(body, dict(attributes or {}), message_id, None))

@@ -344,7 +344,9 @@ def test_message_in_flight_is_acked_after_sleep(amqp_harness: AMQPHarness) -> No
             await adapter.publish(b"held")
             await wait_for(lambda: rec.active == 1, PATIENCE_S, "the handler running")
             c.sleep()
-            await wait_for(lambda: adapter._tag is None, PATIENCE_S, "the consumer cancelled")
+            consumer = adapter._consumer
+            assert consumer is not None
+            await wait_for(lambda: not consumer.consuming, PATIENCE_S, "the consumer cancelled")
             gate.set()
             await wait_for(lambda: c.stats.acked == 1, PATIENCE_S, "the ack")
         assert await queue_count(harness.url, source) == 0
