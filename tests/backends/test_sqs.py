@@ -231,21 +231,21 @@ def test_heartbeat_keeps_long_handlers_invisible_in_batches(sqs_endpoint: str) -
     seen_by_other: list[dict[str, Any]] = []
 
     async def slow(body: bytes) -> None:
-        await asyncio.sleep(4)
+        await asyncio.sleep(6)  # twice the lease: without heartbeats it would lapse
 
     async def scenario() -> None:
         a = await opened(adapter(sqs_endpoint, source, errors))
         await asyncio.gather(*(a.publish(f"h{i}".encode()) for i in range(3)))
         await a.close()
         sqs = adapter(sqs_endpoint, source, errors)
-        c = engine(sqs, slow, concurrency=3, visibility_timeout_s=2)
+        c = engine(sqs, slow, concurrency=3, visibility_timeout_s=3)
         async with Running(c):
             sqs.sqs.client.meta.events.register(
                 "before-parameter-build.sqs.ChangeMessageVisibilityBatch",
                 lambda params, **_: batches.append(len(params["Entries"])),
             )
             await wait_for(lambda: c.in_flight == 3, PATIENCE_S, "3 in flight")
-            for _ in range(6):  # a rival consumer polls all through the 4 s handlers
+            for _ in range(10):  # a rival consumer polls all through the 6 s handlers
                 seen_by_other.extend(await asyncio.to_thread(raw_receive, sqs_endpoint, url))
                 await asyncio.sleep(0.5)
             await wait_for(lambda: c.stats.acked >= 3, PATIENCE_S, "the acks")
