@@ -151,7 +151,10 @@ class BaseCollector:
     async def serve(self, *, until_empty: bool = False, install_signals: bool = False) -> None:
         """Start, wake and run until stopped; ``until_empty`` stops once the source is drained."""
         self._until_empty = until_empty
+        already_started = self._loop is not None
         await self.start()
+        if already_started and until_empty and isinstance(self.adapter, PushAdapter):
+            self._spawn(self._watch_push_idle(), "stalk-until-empty")
         if install_signals and threading.current_thread() is threading.main_thread():
             self._install_signals()
         self.wake()
@@ -172,7 +175,9 @@ class BaseCollector:
         self._awake = asyncio.Event()
         self._slot_free = asyncio.Event()
         opts = self.options
-        self.adapter.bind(opts.source, opts.error_topic, opts.visibility_timeout_s)
+        self.adapter.bind(
+            opts.source, opts.error_topic, opts.visibility_timeout_s, opts.max_retries
+        )
         await self.adapter.open()
         if self._draining():  # stop() arrived while the broker connection opened
             await self.adapter.close()

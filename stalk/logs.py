@@ -124,6 +124,10 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+#: SDK loggers that chatter at INFO; quiet unless the user asks for DEBUG.
+NOISY_SDK_LOGGERS = ("botocore", "boto3", "aiormq", "aio_pika")
+
+
 def configure(fmt: Literal["text", "json"] = "text", level: str = "INFO") -> None:
     """Send stalk's logs to stderr in the chosen format."""
     refresh_secrets()
@@ -132,3 +136,6 @@ def configure(fmt: Literal["text", "json"] = "text", level: str = "INFO") -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    if root.level > logging.DEBUG:
+        for sdk in NOISY_SDK_LOGGERS:  # "Found credentials in environment variables" etc.
+            logging.getLogger(sdk).setLevel(logging.WARNING)

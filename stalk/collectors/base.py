@@ -149,8 +149,12 @@ class Adapter(abc.ABC):
         source: str | None,
         error_topic: str | None,
         visibility_timeout_s: float | None = None,
+        max_retries: int | None = None,
     ) -> None:
         """Take the source, error topic and lease length from the engine's options where given.
+
+        ``max_retries`` is for adapters that must count attempts themselves where the broker
+        cannot (AMQP's poison rule); the decision to retry stays with the engine's policy.
 
         Raises:
             ConfigError: no source at all.

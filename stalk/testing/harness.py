@@ -191,7 +191,8 @@ async def read_errors(harness: AdapterHarness, error_topic: str, count: int) -> 
     """Consume ``count`` messages from the error topic and return what they carried."""
     recorder = Recorder()
     source = harness.error_source(error_topic)
-    c = collector(harness, source, f"{source}-errors", recorder, concurrency=4)
+    probe = harness.make_adapter(source, "unused")
+    c = collector(harness, source, probe.default_error_topic(source), recorder, concurrency=4)
     async with Running(c):
         await wait_for(
             lambda: len(recorder.done) >= count,

@@ -274,3 +274,19 @@ def test_engine_message_ttl_routes_expired_unhandled() -> None:
         assert dead[0].attributes["stalk-reason"] == "expired"
 
     run(scenario())
+
+
+def test_engine_until_empty_on_push_adapter_started_first() -> None:
+    """The ops runner calls start() before serve(until_empty=True): it must still end."""
+    from stalk.collectors.memory import MemoryPushAdapter
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        broker.put("q", b"x", {}, 0)
+        rec = Recorder()
+        c = BaseCollector(MemoryPushAdapter("q", broker=broker), rec, options())
+        await c.start()
+        await c.serve(until_empty=True)
+        assert rec.done == [b"x"] and c.state == "stopped"
+
+    run(scenario())

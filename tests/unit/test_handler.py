@@ -98,7 +98,9 @@ def test_load_errors_are_one_line(path: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_load_reports_module_import_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_reports_module_import_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "broken_mod.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(HandlerImportError, match="boom at import"):
