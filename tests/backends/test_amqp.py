@@ -289,6 +289,12 @@ def test_broker_restart_mid_stream_loses_nothing(
             await asyncio.to_thread(ctl, "await_startup")
             restarted.set()
             await wait_for(lambda: handled >= bodies, PATIENCE_S, "every message after restart")
+            # the held ones' acks died with the old channel: their redeliveries (duplicates,
+            # which at-least-once allows) must be handled too before the queue is empty
+            deadline = asyncio.get_running_loop().time() + PATIENCE_S
+            while await queue_count(amqp_url, source) or c.in_flight:
+                assert asyncio.get_running_loop().time() < deadline, "redeliveries never drained"
+                await asyncio.sleep(0.2)
         assert await queue_count(amqp_url, source) == 0
         assert len(deliveries) > len(bodies), "nothing was in flight across the restart"
 
