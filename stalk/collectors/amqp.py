@@ -111,7 +111,7 @@ class AMQPAdapter(PushAdapter):
         super().__init__(source, error_topic=error_topic)
         self.settings = settings or AMQPSettings()
         #: Poison limit (see the module docstring).
-        self.max_retries = self.settings.max_retries
+        self.max_retries: int = self.settings.max_retries  # the engine may raise it in bind()
         self._conn: AbstractRobustConnection | None = None
         self._publisher: broker.Publisher | None = None
         self._consumer: Consumer | None = None
@@ -128,18 +128,6 @@ class AMQPAdapter(PushAdapter):
         settings = build_settings(cls.settings_model, cls.name, options)
         assert isinstance(settings, AMQPSettings)
         return cls(source, error_topic=error_topic, settings=settings)
-
-    def bind(
-        self,
-        source: str | None,
-        error_topic: str | None,
-        visibility_timeout_s: float | None = None,
-        max_retries: int | None = None,
-    ) -> None:
-        """Take names and lease from the engine, and its ``max_retries`` as the poison limit."""
-        super().bind(source, error_topic, visibility_timeout_s)
-        if max_retries is not None:
-            self.max_retries = max_retries
 
     def describe(self) -> str:
         """Return ``amqp:<queue> (amqp://host:port vhost /)``, without credentials."""

@@ -131,6 +131,9 @@ class Adapter(abc.ABC):
         #: Lease a received message gets; the engine sets it from its options in :meth:`bind`
         #: and heartbeats before it lapses.
         self.visibility_timeout_s = 30.0
+        #: The engine's retry limit, for adapters that must count attempts where the broker
+        #: cannot (AMQP's poison rule); ``None`` until the engine binds or the adapter sets it.
+        self.max_retries: int | None = None
 
     @classmethod
     def from_options(
@@ -165,6 +168,8 @@ class Adapter(abc.ABC):
             self.error_topic = error_topic
         if visibility_timeout_s is not None:
             self.visibility_timeout_s = visibility_timeout_s
+        if max_retries is not None:
+            self.max_retries = max_retries
         if not self.source:
             raise ConfigError(f"backend {self.name!r} needs a source: pass --source NAME")
         if not self.error_topic:
