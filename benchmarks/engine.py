@@ -83,17 +83,22 @@ def main() -> None:
     args = parser.parse_args()
     n = args.messages
     print(f"memory adapter, {n} messages, median of {args.repeat} runs, batch {BATCH}\n")
-    print("| handler | concurrency | stalk msg/s | stalk µs/msg | raw loop µs/msg "
-          "| engine overhead µs/msg |")
+    print(
+        "| handler | concurrency | stalk msg/s | stalk µs/msg | raw loop µs/msg "
+        "| engine overhead µs/msg |"
+    )
     print("|---|---|---|---|---|---|")
     for name, handler in (("async no-op", async_noop), ("sync no-op", sync_noop)):
         raw = statistics.median(raw_loop(n, handler) for _ in range(args.repeat)) / n
         for concurrency in (1, 8):
-            per = statistics.median(
-                stalk_loop(n, handler, concurrency) for _ in range(args.repeat)
-            ) / n
-            print(f"| {name} | {concurrency} | {1 / per:,.0f} | {per * 1e6:.1f} | "
-                  f"{raw * 1e6:.1f} | {(per - raw) * 1e6:.1f} |")
+            per = (
+                statistics.median(stalk_loop(n, handler, concurrency) for _ in range(args.repeat))
+                / n
+            )
+            print(
+                f"| {name} | {concurrency} | {1 / per:,.0f} | {per * 1e6:.1f} | "
+                f"{raw * 1e6:.1f} | {(per - raw) * 1e6:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ async def async_noop(body: bytes) -> None:
 
 
 async def _opened(path: Path, durability: str) -> LocalAdapter:
-    adapter = LocalAdapter("bench", settings=LocalSettings(path=str(path), durability=durability,
-                                                           max_queue_length=None))
+    adapter = LocalAdapter(
+        "bench",
+        settings=LocalSettings(path=str(path), durability=durability, max_queue_length=None),
+    )
     adapter.bind("bench", None)
     await adapter.open()
     return adapter
@@ -64,12 +66,17 @@ def local_publish(path: Path, durability: str, n: int, batch: int) -> float:
     return asyncio.run(go())
 
 
-def local_drain(path: Path, durability: str, n: int, concurrency: int,
-                handler: Callable[[bytes], object]) -> float:
+def local_drain(
+    path: Path, durability: str, n: int, concurrency: int, handler: Callable[[bytes], object]
+) -> float:
     """Return drain msg/s of stalk over ``n`` queued messages."""
     local_publish(path, durability, n, BATCH)
-    options = CollectorOptions(concurrency=concurrency, batch_size=max(10, concurrency),
-                               polling_period_s=0.001, max_polling_period_s=0.01)
+    options = CollectorOptions(
+        concurrency=concurrency,
+        batch_size=max(10, concurrency),
+        polling_period_s=0.001,
+        max_polling_period_s=0.01,
+    )
     adapter = LocalAdapter("bench", settings=LocalSettings(path=str(path), durability=durability))
     collector = BaseCollector(adapter, handler, options)
     start = time.perf_counter()
@@ -143,10 +150,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     n, single, r = args.messages, args.single, args.repeat
-    print(f"{n} messages drained, {single} published one per call, 100-byte bodies, "
-          f"median of {r} runs\n")
-    print("| system | durability | handler | concurrency | publish msg/s (1 per commit) "
-          f"| publish msg/s ({BATCH} per commit) | drain msg/s |")
+    print(
+        f"{n} messages drained, {single} published one per call, 100-byte bodies, "
+        f"median of {r} runs\n"
+    )
+    print(
+        "| system | durability | handler | concurrency | publish msg/s (1 per commit) "
+        f"| publish msg/s ({BATCH} per commit) | drain msg/s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for durability in ("full", "normal"):
         one = median(r, lambda p, d=durability: local_publish(p, d, single, 1))
@@ -154,21 +165,33 @@ def main() -> None:
         for handler in (sync_noop, async_noop):
             kind = "sync" if handler is sync_noop else "async"
             for concurrency in (1, 8, 64):
-                drain = median(r, lambda p, d=durability, c=concurrency, h=handler:
-                               local_drain(p, d, n, c, h))
-                print(f"| stalk local | {durability} | {kind} no-op | {concurrency} | {one:,.0f} "
-                      f"| {many:,.0f} | {drain:,.0f} |", flush=True)
+                drain = median(
+                    r, lambda p, d=durability, c=concurrency, h=handler: local_drain(p, d, n, c, h)
+                )
+                print(
+                    f"| stalk local | {durability} | {kind} no-op | {concurrency} | {one:,.0f} "
+                    f"| {many:,.0f} | {drain:,.0f} |",
+                    flush=True,
+                )
     raw = median(r, lambda p: local_raw(p, n))
-    print(f"| local raw loop (lease 100 + ack 100, no engine) | normal | inline | 1 | | | "
-          f"{raw:,.0f} |")
-    others = (("persist-queue SQLiteAckQueue", "persistqueue", persist_queue),
-              ("litequeue", "litequeue", litequeue_))
+    print(
+        f"| local raw loop (lease 100 + ack 100, no engine) | normal | inline | 1 | | | "
+        f"{raw:,.0f} |"
+    )
+    others = (
+        ("persist-queue SQLiteAckQueue", "persistqueue", persist_queue),
+        ("litequeue", "litequeue", litequeue_),
+    )
     for label, module, bench in others:
         if importlib.util.find_spec(module) is None:
             print(f"| {label} | not installed (pip install 'stalk[bench]') | | | | | |")
             continue
-        put, drain = (statistics.median(x) for x in zip(*(
-            bench(Path(tempfile.mkdtemp()) / "bench", single) for _ in range(r)), strict=True))
+        put, drain = (
+            statistics.median(x)
+            for x in zip(
+                *(bench(Path(tempfile.mkdtemp()) / "bench", single) for _ in range(r)), strict=True
+            )
+        )
         print(f"| {label} | its default | inline | 1 | {put:,.0f} | | {drain:,.0f} |")
 
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from stalk import BaseCollector, CollectorOptions
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
-from stalk.metrics import CollectorStats
-from stalk.ops import Operations, OpsConfig
+from stalk.engine.stats import CollectorStats
+from stalk.ops.runner import Operations, OpsConfig
 
 BATCH = 100
 

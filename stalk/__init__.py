@@ -1,6 +1,6 @@
 """stalk: write one function ``bytes -> Result``; run it as a reliable consumer on any broker."""
 
-from stalk.collector import BaseCollector
+from stalk.engine.collector import BaseCollector
 from stalk.errors import (
     BackendError,
     BackendUnavailable,

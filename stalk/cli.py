@@ -19,17 +19,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from stalk import __version__
-from stalk.collector import BaseCollector
 from stalk.collectors import registry
 from stalk.collectors.base import Adapter, Backlog
+from stalk.engine.collector import BaseCollector
+from stalk.engine.handler import load
 from stalk.errors import BackendError, ConfigError, HandlerImportError, StalkError
-from stalk.handler import load
-from stalk.logs import configure, redact
-from stalk.ops import OpsConfig, add_run_flags, run_operations
+from stalk.ops.autoscale import parse_bounds
+from stalk.ops.config import OpsConfig, parse_size, worker_environment
+from stalk.ops.logs import configure, redact
+from stalk.ops.redrive import redrive_by_name
+from stalk.ops.runner import run_operations
+from stalk.ops.supervisor import supervise
+from stalk.ops.tracing import traced, wanted_tracing
 from stalk.options import CollectorOptions
-from stalk.redrive import redrive_by_name
-from stalk.supervisor import supervise
-from stalk.tracing import traced, wanted_tracing
 
 logger = logging.getLogger("stalk.cli")
 
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exception class that means fatal when a handler raises it (repeatable)",
     )
     run.add_argument("--until-empty", action="store_true", help="exit 0 once drained")
-    add_run_flags(run)
+    _ops_flags(run)
 
     send = sub.add_parser("send", help="publish BODY... (or stdin lines with '-') to SOURCE")
     _common(send)
@@ -133,6 +135,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ops_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the operations flags (control server, autoscale, processes) to ``stalk run``."""
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve /healthz /metrics /status and POST /sleep /wake /scale (0: any free port)",
+    )
+    parser.add_argument("--http-host", default="127.0.0.1", help="default: 127.0.0.1 (loopback)")
+    parser.add_argument(
+        "--autoscale", default=None, metavar="MIN:MAX", help="grow/shrink concurrency with load"
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, metavar="N", help="N supervised worker processes"
+    )
+    parser.add_argument(
+        "--max-messages-per-child",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replace a worker process after N messages (implies supervision)",
+    )
+    parser.add_argument(
+        "--max-memory-per-child",
+        default=None,
+        metavar="SIZE",
+        help="replace a worker over SIZE resident memory, e.g. 512M, 2G (plain number: MiB)",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
+
+
+def _ops_config(args: argparse.Namespace) -> OpsConfig:
+    """Read the operations flags (and, in a worker process, the supervisor's environment).
+
+    Raises:
+        ConfigError: a value out of range.
+    """
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be >= 1, got {args.processes}")
+    if args.max_messages_per_child is not None and args.max_messages_per_child < 1:
+        raise ConfigError("--max-messages-per-child must be >= 1")
+    worker_id, report_fd, supervisor_pid = worker_environment()
+    return OpsConfig(
+        http_host=args.http_host,
+        http_port=args.http_port,
+        autoscale=parse_bounds(args.autoscale) if args.autoscale else None,
+        processes=args.processes,
+        max_messages=args.max_messages_per_child,
+        max_memory_bytes=(
+            parse_size(args.max_memory_per_child) if args.max_memory_per_child else None
+        ),
+        quiet=args.quiet,
+        worker_id=worker_id,
+        report_fd=report_fd,
+        supervisor_pid=supervisor_pid,
+    )
+
+
 def make_adapter(args: argparse.Namespace, error_topic: str | None = None) -> Adapter:
     """Build the ``--backend`` adapter from the command line's source and options."""
     cls = registry.get(args.backend)
@@ -153,7 +214,7 @@ def _run_options(args: argparse.Namespace) -> CollectorOptions:
 
 def cmd_run(args: argparse.Namespace) -> int:
     options = _run_options(args)
-    ops_config = OpsConfig.from_args(args)
+    ops_config = _ops_config(args)
     if ops_config.supervise:  # worker processes re-run this command line
         adapter = make_adapter(args, options.error_topic)  # bad --option: fail here, not in N
         return supervise(ops_config, adapter, until_empty=args.until_empty)

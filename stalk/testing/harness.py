@@ -10,9 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stalk.collector import BaseCollector
 from stalk.collectors.base import Adapter, AdapterFeatures
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
+from stalk.engine.collector import BaseCollector
 from stalk.message import Message
 from stalk.options import CollectorOptions
 

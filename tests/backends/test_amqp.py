@@ -23,8 +23,8 @@ import aio_pika
 import pytest
 
 from stalk import BaseCollector, CollectorOptions, fatal
-from stalk.collectors._amqp_topology import bucket_ms, delay_queue_name
 from stalk.collectors.amqp import AMQPAdapter, AMQPSettings
+from stalk.collectors.amqp.topology import bucket_ms, delay_queue_name
 from stalk.errors import BackendUnavailable
 from stalk.message import ATTR_ATTEMPTS, ATTR_REASON, ATTR_SOURCE
 from stalk.testing.harness import Recorder, Running, read_errors, wait_for

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stalk.collectors._amqp_topology import (
+from stalk.collectors.amqp import AMQPAdapter
+from stalk.collectors.amqp.topology import (
     LADDER,
     MAX_DELAY_MS,
     AMQPSettings,
@@ -16,7 +17,6 @@ from stalk.collectors._amqp_topology import (
     republish_headers,
     safe_url,
 )
-from stalk.collectors.amqp import AMQPAdapter
 from stalk.errors import ConfigError
 
 

@@ -18,7 +18,7 @@ from stalk import BaseCollector, CollectorOptions, fatal
 from stalk.collectors.local import LocalAdapter, LocalSettings
 from stalk.errors import ConfigError, MessageTooLarge, QueueFull, QueueNotFound
 from stalk.message import ATTR_REASON, ATTR_SOURCE, Failure
-from stalk.redrive import ATTR_REDRIVEN_AT, redrive, redrive_by_name
+from stalk.ops.redrive import ATTR_REDRIVEN_AT, redrive, redrive_by_name
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -305,9 +305,12 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         yield directory
         directory.chmod(0o755)
         return
-    if shutil.which("chattr") is None or subprocess.run(
-        ["chattr", "+i", str(directory)], capture_output=True, check=False
-    ).returncode:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(
+            ["chattr", "+i", str(directory)], capture_output=True, check=False
+        ).returncode
+    ):
         pytest.skip("running as root without chattr +i: cannot make a directory read-only")
     try:
         yield directory
@@ -326,9 +329,12 @@ def test_existing_file_in_read_only_directory_is_a_clear_error(tmp_path: Path) -
     directory = tmp_path / "ro"
     run(_publish_and_close(directory / "stalk.db"))
     if os.geteuid() == 0:
-        if shutil.which("chattr") is None or subprocess.run(
-            ["chattr", "+i", str(directory)], capture_output=True, check=False
-        ).returncode:
+        if (
+            shutil.which("chattr") is None
+            or subprocess.run(
+                ["chattr", "+i", str(directory)], capture_output=True, check=False
+            ).returncode
+        ):
             pytest.skip("running as root without chattr +i")
     else:
         directory.chmod(0o555)

@@ -46,10 +46,21 @@ async def _publish(path: Path, bodies: list[bytes]) -> None:
     await adapter.close()
 
 
-def _worker(path: Path, out: Path, *, lease_s: float, concurrency: int, sleep_s: float,
-            until_empty: bool) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "tests.backends.test_local_crash", "worker", str(path),
-            str(out), str(lease_s), str(concurrency), str(sleep_s), "1" if until_empty else "0"]
+def _worker(
+    path: Path, out: Path, *, lease_s: float, concurrency: int, sleep_s: float, until_empty: bool
+) -> subprocess.Popen[bytes]:
+    args = [
+        sys.executable,
+        "-m",
+        "tests.backends.test_local_crash",
+        "worker",
+        str(path),
+        str(out),
+        str(lease_s),
+        str(concurrency),
+        str(sleep_s),
+        "1" if until_empty else "0",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE)
 
@@ -105,8 +116,9 @@ def test_four_processes_drain_one_file_without_loss(tmp_path: Path) -> None:
     path, total = tmp_path / "stalk.db", 20_000
     run(_publish(path, [f"m{i}".encode() for i in range(total)]))
     outs = [tmp_path / f"out{i}.txt" for i in range(4)]
-    workers = [_worker(path, out, lease_s=30, concurrency=8, sleep_s=0, until_empty=True)
-               for out in outs]
+    workers = [
+        _worker(path, out, lease_s=30, concurrency=8, sleep_s=0, until_empty=True) for out in outs
+    ]
     for worker in workers:
         _finish(worker)
     records = _records(*outs)
@@ -148,8 +160,13 @@ def _damage(wal: Path, how: str) -> None:
 def test_torn_wal_tail_reopens_with_committed_messages_intact(tmp_path: Path, how: str) -> None:
     path = tmp_path / "stalk.db"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", _WRITER, str(path)], cwd=ROOT, env=env, check=True,
-                   timeout=PROCESS_LIMIT_S)
+    subprocess.run(
+        [sys.executable, "-c", _WRITER, str(path)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=PROCESS_LIMIT_S,
+    )
     wal = Path(f"{path}-wal")
     assert wal.stat().st_size > 50 * 4096, "the commits are not in the WAL"
     _damage(wal, how)
@@ -175,8 +192,11 @@ def _worker_main(argv: list[str]) -> None:
     path, out, lease_s, concurrency, sleep_s, until_empty = argv
     lock = threading.Lock()
     options = CollectorOptions(
-        concurrency=int(concurrency), visibility_timeout_s=float(lease_s),
-        polling_period_s=0.01, max_polling_period_s=0.1, batch_size=int(concurrency),
+        concurrency=int(concurrency),
+        visibility_timeout_s=float(lease_s),
+        polling_period_s=0.01,
+        max_polling_period_s=0.1,
+        batch_size=int(concurrency),
     )
     adapter = LocalAdapter("q", settings=LocalSettings(path=path, durability="normal"))
     # Line-buffered: each record reaches the OS at once, so it outlives a SIGKILL.

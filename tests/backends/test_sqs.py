@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from stalk import BaseCollector, CollectorOptions, fatal, retry
-from stalk.collectors._sqs_wire import ATTR_BODY_ENCODING, ATTR_PACKED
 from stalk.collectors.sqs import SQSAdapter, SQSSettings
+from stalk.collectors.sqs.wire import ATTR_BODY_ENCODING, ATTR_PACKED
 from stalk.message import ATTR_ATTEMPTS, ATTR_REASON, Message
 from stalk.testing.harness import Recorder, Running, wait_for
 from tests.brokers.sqs import REGION, create_queue, sqs_client
@@ -182,7 +182,7 @@ def test_batch_delete_partial_failure_is_logged_not_raised(
                 got += await a.get_messages(3 - len(got), 1)
             bad = got[1]
             bad.receipt.handle = "not-a-receipt-handle"
-            with caplog.at_level(logging.WARNING, logger="stalk.collectors._sqs_calls"):
+            with caplog.at_level(logging.WARNING, logger="stalk.collectors.sqs.calls"):
                 await a.ack(got)
             assert bad.id in caplog.text and "ReceiptHandleIsInvalid" in caplog.text
             again: list[Message] = []

@@ -12,8 +12,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from stalk import BaseCollector, CollectorOptions, fatal
-from stalk.collectors._sqs_wire import translate
 from stalk.collectors.sqs import SQSAdapter, SQSSettings
+from stalk.collectors.sqs.wire import translate
 from stalk.errors import BackendError, BackendUnavailable, ConfigError, QueueNotFound
 from stalk.message import Failure
 from stalk.testing.harness import Running, wait_for
@@ -69,9 +69,7 @@ def test_unreachable_endpoint_is_backend_unavailable(aws_env: None) -> None:
     assert "cannot reach SQS" in str(exc) and "endpoint_url" in str(exc)
 
 
-def test_no_region_anywhere_is_config_error(
-    aws_env: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_region_anywhere_is_config_error(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     monkeypatch.delenv("AWS_REGION", raising=False)
     exc = asyncio.run(open_fails(SQSAdapter("q")))
@@ -97,8 +95,13 @@ def test_access_denied_is_backend_error_saying_what_to_check(strict_endpoint: st
 
 def test_throttling_and_server_errors_are_retryable() -> None:
     for code, status in (("ThrottlingException", 400), ("InternalError", 500)):
-        error = ClientError({"Error": {"Code": code, "Message": "slow down"},
-                             "ResponseMetadata": {"HTTPStatusCode": status}}, "ReceiveMessage")
+        error = ClientError(
+            {
+                "Error": {"Code": code, "Message": "slow down"},
+                "ResponseMetadata": {"HTTPStatusCode": status},
+            },
+            "ReceiveMessage",
+        )
         assert isinstance(translate(error, "ReceiveMessage", "q", "here"), BackendUnavailable)
 
 
@@ -114,8 +117,11 @@ def test_missing_error_queue_warns_at_open_and_keeps_the_message(
         assert f"'{errors}' does not exist" in caplog.text
         await a.publish(b"kept")
         await a.close()
-        c = BaseCollector(adapter(sqs_endpoint, source, errors), lambda b: fatal("no"),
-                          CollectorOptions(polling_period_s=0.05, visibility_timeout_s=1))
+        c = BaseCollector(
+            adapter(sqs_endpoint, source, errors),
+            lambda b: fatal("no"),
+            CollectorOptions(polling_period_s=0.05, visibility_timeout_s=1),
+        )
         async with Running(c):
             await wait_for(lambda: c.stats.failed_settles >= 1, PATIENCE_S, "the refused route")
         assert c.stats.acked == 0

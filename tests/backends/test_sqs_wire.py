@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from stalk.collectors._sqs_fifo import GroupGate
-from stalk.collectors._sqs_wire import (
+from stalk.collectors.sqs.fifo import GroupGate
+from stalk.collectors.sqs.wire import (
     ATTR_PACKED,
     MAX_ATTRIBUTES,
     decode_body,

@@ -40,7 +40,7 @@ def amqp_url() -> str:
     try:
         asyncio.run(_probe(AMQP_URL))
     except Exception as exc:
-        from stalk.collectors._amqp_topology import safe_url
+        from stalk.collectors.amqp.topology import safe_url
 
         require_broker(
             "amqp",
@@ -89,7 +89,7 @@ class AMQPHarness(AdapterHarness):
 
     def cleanup(self) -> None:
         """Delete every queue this harness's adapters used (delay buckets expire by themselves)."""
-        from stalk.collectors._amqp_topology import delay_queue_name
+        from stalk.collectors.amqp.topology import delay_queue_name
 
         for adapter in self.adapters:
             self.queues += [delay_queue_name(adapter.source, ms) for ms in adapter._buckets]

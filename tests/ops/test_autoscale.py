@@ -8,10 +8,10 @@ import itertools
 import pytest
 
 from stalk import BaseCollector, CollectorOptions
-from stalk.autoscale import Autoscaler, AutoscaleSettings, Window, decide, parse_bounds
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
 from stalk.errors import ConfigError
-from stalk.ops import poll_backlog
+from stalk.ops.autoscale import Autoscaler, AutoscaleSettings, Window, decide, parse_bounds
+from stalk.ops.runner import poll_backlog
 from stalk.testing.harness import FAST_OPTIONS, wait_for
 
 SETTINGS = AutoscaleSettings(2, 20, up_after_s=3, down_after_s=20)

@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from stalk import BaseCollector, CollectorOptions, Message, retry
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
 from stalk.errors import BackendUnavailable
-from stalk.http import CollectorControl, ControlServer
-from stalk.metrics import Snapshot
-from stalk.prometheus import MetricsExporter, StalkMetrics, families, render_text
+from stalk.ops.http import CollectorControl, ControlServer
+from stalk.ops.prometheus import MetricsExporter, StalkMetrics, families, render_text
+from stalk.ops.status import Snapshot
 from stalk.testing.harness import FAST_OPTIONS, wait_for
 from tests.ops._proc import http
 
@@ -277,11 +277,11 @@ def test_port_conflict_logs_one_error_and_returns(caplog: pytest.LogCaptureFixtu
         first = ControlServer(CollectorControl(collector), port=0)
         assert await first.start()
         second = ControlServer(CollectorControl(collector), port=first.port)
-        with caplog.at_level(logging.ERROR, logger="stalk.http"):
+        with caplog.at_level(logging.ERROR, logger="stalk.ops.http"):
             assert not await second.start()
         await first.close()
         await second.close()
-        errors = [r for r in caplog.records if r.name == "stalk.http"]
+        errors = [r for r in caplog.records if r.name == "stalk.ops.http"]
         assert len(errors) == 1
         assert f"cannot listen on 127.0.0.1:{first.port}" in errors[0].getMessage()
 
@@ -314,5 +314,5 @@ def test_healthz_503_when_the_intake_loop_died(caplog: pytest.LogCaptureFixture)
             await collector.stop(1)
             await server.close()
 
-    with caplog.at_level(logging.CRITICAL, logger="stalk.collector"):
+    with caplog.at_level(logging.CRITICAL, logger="stalk.engine.collector"):
         run(scenario)

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from stalk.logs import JsonFormatter, redact, refresh_secrets
+from stalk.ops.logs import JsonFormatter, redact, refresh_secrets
 from tests.ops._proc import Stalk, local_send
 
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"

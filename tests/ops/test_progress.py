@@ -8,8 +8,8 @@ import logging
 
 from stalk import BaseCollector, CollectorOptions
 from stalk.collectors.memory import MemoryAdapter
-from stalk.metrics import Snapshot
-from stalk.progress import CLEAR, Progress, summary, wanted
+from stalk.ops.progress import CLEAR, Progress, summary, wanted
+from stalk.ops.status import Snapshot
 
 
 def snapshot() -> Snapshot:

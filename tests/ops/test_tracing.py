@@ -16,8 +16,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from stalk import BaseCollector, CollectorOptions, Message, fatal
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
+from stalk.ops.tracing import traced
 from stalk.testing.harness import FAST_OPTIONS, wait_for
-from stalk.tracing import traced
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -76,7 +76,7 @@ def test_span_per_message_with_parent_from_attributes(is_async: bool) -> None:
 
 
 def test_traced_handler_keeps_its_name_and_message_shape() -> None:
-    from stalk.handler import prepare
+    from stalk.engine.handler import prepare
 
     def handler(body: bytes, message: Message) -> None:
         return None

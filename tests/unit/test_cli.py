@@ -14,12 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def stalk(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
-          stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def stalk(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "stalk", *args],
-        capture_output=True, text=True, cwd=cwd, env=full_env, timeout=60, input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=60,
+        input=stdin,
     )
 
 
@@ -45,10 +51,16 @@ def test_cli_bad_handler_path_exits_2() -> None:
 
 
 def test_cli_bad_option_values_exit_2() -> None:
-    assert_one_line_error(stalk("run", "workers.app:handler", "--backend", "memory",
-                                "--concurrency", "0"), 2, "concurrency")
-    assert_one_line_error(stalk("run", "workers.app:handler", "--backend", "memory",
-                                "--option", "colour=blue"), 2, "no option 'colour'")
+    assert_one_line_error(
+        stalk("run", "workers.app:handler", "--backend", "memory", "--concurrency", "0"),
+        2,
+        "concurrency",
+    )
+    assert_one_line_error(
+        stalk("run", "workers.app:handler", "--backend", "memory", "--option", "colour=blue"),
+        2,
+        "no option 'colour'",
+    )
     proc = stalk("run", "workers.app:handler", "--backend", "memory", "--option", "novalue")
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
 
@@ -60,15 +72,17 @@ def test_cli_backends_lists_memory() -> None:
 
 
 def test_cli_run_until_empty_exits_0_on_memory() -> None:
-    proc = stalk("run", "workers.app:handler", "--backend", "memory", "--until-empty",
-                 "--log-format", "json")
+    proc = stalk(
+        "run", "workers.app:handler", "--backend", "memory", "--until-empty", "--log-format", "json"
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_cli_third_party_adapter_by_entry_point(tmp_path: Path) -> None:
     """A distribution with a 'stalk.collectors' entry point works with --backend NAME."""
-    (tmp_path / "stalk_fakeq.py").write_text(textwrap.dedent(
-        """
+    (tmp_path / "stalk_fakeq.py").write_text(
+        textwrap.dedent(
+            """
         from stalk.collectors.memory import MemoryAdapter
 
         class FakeQAdapter(MemoryAdapter):
@@ -79,7 +93,8 @@ def test_cli_third_party_adapter_by_entry_point(tmp_path: Path) -> None:
                 for body in (b'{"order": 1}', b"not json"):
                     await self.publish(body)
         """
-    ))
+        )
+    )
     dist = tmp_path / "stalk_fakeq-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stalk-fakeq\nVersion: 0.1\n")
@@ -87,8 +102,18 @@ def test_cli_third_party_adapter_by_entry_point(tmp_path: Path) -> None:
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     listed = stalk("backends", env=env)
     assert "fakeq" in listed.stdout and "entry point" in listed.stdout
-    proc = stalk("run", "workers.app:handler", "--backend", "fakeq", "--until-empty",
-                 "--polling-period", "0.01", "--max-polling-period", "0.05", env=env)
+    proc = stalk(
+        "run",
+        "workers.app:handler",
+        "--backend",
+        "fakeq",
+        "--until-empty",
+        "--polling-period",
+        "0.01",
+        "--max-polling-period",
+        "0.05",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "order 1 handled" in proc.stderr
     assert "to error topic (fatal)" in proc.stderr
@@ -97,23 +122,26 @@ def test_cli_third_party_adapter_by_entry_point(tmp_path: Path) -> None:
 def test_cli_json_logs_are_json_per_line() -> None:
     import json
 
-    proc = stalk("run", "workers.app:handler", "--backend", "memory", "--until-empty",
-                 "--log-format", "json")
+    proc = stalk(
+        "run", "workers.app:handler", "--backend", "memory", "--until-empty", "--log-format", "json"
+    )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines and all(isinstance(json.loads(ln), dict) for ln in lines)
 
 
 @pytest.mark.parametrize("url", ["amqp://guest:s3cret@host/", "https://u:s3cret@example.com/x"])
 def test_redact_hides_url_passwords(url: str) -> None:
-    from stalk.logs import redact
+    from stalk.ops.logs import redact
 
     assert "s3cret" not in redact(f"cannot reach {url} now")
 
 
 def test_cli_send_stats_redrive_on_local(tmp_path: Path) -> None:
     env = {"STALK_LOCAL_PATH": str(tmp_path / "q.db")}
-    assert stalk("send", "--source", "jobs", "-", env=env, stdin="not json\n{\"order\": 7}\n"
-                 ).returncode == 0
+    assert (
+        stalk("send", "--source", "jobs", "-", env=env, stdin='not json\n{"order": 7}\n').returncode
+        == 0
+    )
     run = stalk("run", "workers.app:handler", "--source", "jobs", "--until-empty", env=env)
     assert run.returncode == 0, run.stderr
     assert "1 to error topic jobs-errors (fatal: 1)" in run.stdout
@@ -129,12 +157,23 @@ def test_cli_send_stats_redrive_on_local(tmp_path: Path) -> None:
 def test_cli_stats_per_subscription_of_a_topic(tmp_path: Path) -> None:
     env = {"STALK_LOCAL_PATH": str(tmp_path / "t.db")}
     for sub in ("billing", "audit"):  # running a subscriber creates its subscription
-        proc = stalk("run", "workers.app:handler", "--source", sub, "--option", "topic=orders",
-                     "--until-empty", env=env)
+        proc = stalk(
+            "run",
+            "workers.app:handler",
+            "--source",
+            sub,
+            "--option",
+            "topic=orders",
+            "--until-empty",
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
-    assert stalk("send", "--source", "billing", "--option", "topic=orders", "{}",
-                 env=env).returncode == 0
-    out = json.loads(stalk("stats", "--source", "billing", "--option", "topic=orders", "--json",
-                           env=env).stdout)
+    assert (
+        stalk("send", "--source", "billing", "--option", "topic=orders", "{}", env=env).returncode
+        == 0
+    )
+    out = json.loads(
+        stalk("stats", "--source", "billing", "--option", "topic=orders", "--json", env=env).stdout
+    )
     ready = {row["source"]: row["ready"] for row in out["subscriptions"]}
     assert ready == {"audit": 1, "billing": 1}

@@ -95,8 +95,9 @@ def test_engine_failed_error_publish_does_not_ack() -> None:
         broker = MemoryBroker()
         broker.put("q", b"poison", {}, 0)
         rec = Recorder(lambda b, m: retry("no", delay=0))
-        c = BaseCollector(FlakyAdapter(broker, error=1), rec,
-                          options(max_retries=0, visibility_timeout_s=0.5))
+        c = BaseCollector(
+            FlakyAdapter(broker, error=1), rec, options(max_retries=0, visibility_timeout_s=0.5)
+        )
         await c.start()
         c.wake()
         # first routing fails: the message must come back after its lease, not vanish
@@ -113,8 +114,7 @@ def test_engine_failed_retry_does_not_ack() -> None:
         broker = MemoryBroker()
         broker.put("q", b"m", {}, 0)
         rec = Recorder(lambda b, m: retry("later", delay=0) if m.attempt == 1 else None)
-        c = BaseCollector(FlakyAdapter(broker, retry=1), rec,
-                          options(visibility_timeout_s=0.5))
+        c = BaseCollector(FlakyAdapter(broker, retry=1), rec, options(visibility_timeout_s=0.5))
         await c.start()
         c.wake()
         await wait_for(lambda: len(rec.done) >= 2, 20, "redelivery after failed retry")
@@ -169,8 +169,9 @@ def test_engine_hung_sync_handler_is_abandoned_and_worker_replaced() -> None:
         broker.put("q", b"hang", {}, 0)
         broker.put("q", b"next", {}, 0)
         rec = Recorder(handler)
-        c = BaseCollector(MemoryAdapter("q", broker=broker), rec,
-                          options(concurrency=1, handler_timeout_s=0.3))
+        c = BaseCollector(
+            MemoryAdapter("q", broker=broker), rec, options(concurrency=1, handler_timeout_s=0.3)
+        )
         await c.start()
         c.wake()
         await wait_for(lambda: b"next" in rec.done, 20, "the next message despite a hung one")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from stalk import Fatal, Message, Result, ok
+from stalk.engine.handler import from_exception, load, prepare, resolve_exceptions, to_result
 from stalk.errors import HandlerImportError
-from stalk.handler import from_exception, load, prepare, resolve_exceptions, to_result
 
 
 def body_only(body: bytes) -> Result:

@@ -20,14 +20,25 @@ def test_core_import_pulls_no_broker_sdk() -> None:
         "stalk.collectors.registry as r; r.names(); "
         f"print([m for m in {SDK_MODULES!r} if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     assert out.stdout.strip() == "[]"
 
 
 def test_public_api_names() -> None:
-    for name in ("Result", "Message", "BaseCollector", "CollectorOptions", "ok", "retry",
-                 "fatal", "Fatal", "StalkError", "__version__"):
+    for name in (
+        "Result",
+        "Message",
+        "BaseCollector",
+        "CollectorOptions",
+        "ok",
+        "retry",
+        "fatal",
+        "Fatal",
+        "StalkError",
+        "__version__",
+    ):
         assert name in stalk.__all__ and hasattr(stalk, name)
     assert (ROOT / "stalk" / "py.typed").exists()
 
@@ -42,7 +53,8 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def test_demo_runs_on_local_backend(tmp_path: Path) -> None:
     env = {**os.environ, "STALK_LOCAL_PATH": str(tmp_path / "demo.db"), "PYTHON": sys.executable}
-    proc = subprocess.run([str(ROOT / "scripts" / "demo")], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "demo")], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "1 retried, 1 to error topic orders-errors (fatal: 1)" in proc.stdout

@@ -4,7 +4,7 @@ import pytest
 
 from stalk import Result, fatal, ok, retry
 from stalk.backoff import PollBackoff, exponential_ceiling, full_jitter
-from stalk.policy import ACK, DROP, RetryLater, RetryPolicy, RouteToError, decide
+from stalk.engine.policy import ACK, DROP, RetryLater, RetryPolicy, RouteToError, decide
 
 POLICY = RetryPolicy(max_retries=3, retry_interval_s=1.0, max_retry_delay_s=10.0)
 

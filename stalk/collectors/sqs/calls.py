@@ -21,14 +21,14 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from stalk.collectors import _sqs_wire as wire
+from stalk.collectors.sqs import wire as wire
 from stalk.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
     from mypy_boto3_sqs.type_defs import MessageTypeDef
 
-    from stalk.collectors.sqs import SQSSettings
+    from stalk.collectors.sqs.settings import SQSSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from stalk.metrics import Snapshot
+from stalk.ops.status import Snapshot
 
 #: Seconds between redraws.
 REDRAW_S = 0.5

@@ -1,7 +1,7 @@
 """Core counters every collector keeps, with no dependency: the source of /metrics and /status.
 
 Everything here is plain ints bumped on the engine's loop thread: no locks, no registry, no
-allocation per message. Exporters (``stalk.prometheus``, ``/status``) read them when scraped.
+allocation per message. Exporters (``stalk.ops.prometheus``, ``/status``) read them when scraped.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stalk.collectors.base import Backlog
-from stalk.logs import redact
-
-if TYPE_CHECKING:
-    from stalk.collector import BaseCollector
 
 #: Upper bounds (seconds, ``le``) of the handler duration histogram: 1 ms to 5 min, plus +Inf.
 DURATION_BUCKETS_S: tuple[float, ...] = (
@@ -124,53 +120,3 @@ _COUNTS = (
     "broker_errors",
     "handled",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """One collector as /metrics, /status and the progress line show it, credentials removed.
-
-    ``stats`` is the live object, read on the collector's loop, so one scrape is consistent.
-    """
-
-    backend: str
-    source: str
-    description: str
-    state: str
-    healthy: bool
-    health_reason: str
-    concurrency: int
-    in_flight: int
-    stats: CollectorStats
-
-    @classmethod
-    def of(cls, collector: BaseCollector) -> Snapshot:
-        """Read ``collector`` now."""
-        adapter = collector.adapter
-        return cls(
-            backend=adapter.name,
-            source=redact(str(adapter.source or collector.options.source or "")),
-            description=redact(adapter.describe()),
-            state=collector.state,
-            healthy=collector.healthy,
-            health_reason=redact(collector.health_reason),
-            concurrency=collector.concurrency,
-            in_flight=collector.in_flight,
-            stats=collector.stats,
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the ``/status`` document (counts with the histogram, backlog when known)."""
-        backlog = self.stats.backlog
-        return {
-            "state": self.state,
-            "backend": self.backend,
-            "source": self.source,
-            "description": self.description,
-            "healthy": self.healthy,
-            "health_reason": self.health_reason,
-            "concurrency": self.concurrency,
-            "in_flight": self.in_flight,
-            "counts": self.stats.to_state(),
-            "backlog": None if backlog is None else backlog.as_dict(),
-        }

@@ -1,7 +1,7 @@
 """RabbitMQ (AMQP 0-9-1) adapter on aio-pika: push delivery, delays and attempts kept in the broker.
 
 Flow control
-    One consumer on its own channel (:mod:`stalk.collectors._amqp_consumer`), ``basic.qos``
+    One consumer on its own channel (:mod:`stalk.collectors.amqp.consumer`), ``basic.qos``
     prefetch = the engine's concurrency (or the ``prefetch`` option); a change re-consumes, as
     RabbitMQ applies QoS to new consumers only (for a moment up to old in-flight + n are
     unsettled). ``pause`` = ``basic.cancel``, ``resume`` = a new ``basic.consume``.
@@ -15,7 +15,7 @@ Settling
 
 Delayed retry, no plugin
     A retry is a copy in ``<source>.stalk-delay.<ms>``, a queue with that TTL dead-lettering back
-    to the source (:mod:`stalk.collectors._amqp_topology`). The delay lives in RabbitMQ: a worker
+    to the source (:mod:`stalk.collectors.amqp.topology`). The delay lives in RabbitMQ: a worker
     that dies while a retry waits loses nothing, and no worker holds it in memory. The copy carries
     header ``stalk-attempt`` = the next attempt.
 
@@ -58,10 +58,10 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
-from stalk.collectors import _amqp_broker as broker
-from stalk.collectors import _amqp_topology as topo
-from stalk.collectors._amqp_consumer import Consumer
-from stalk.collectors._amqp_topology import AMQPSettings
+from stalk.collectors.amqp import broker as broker
+from stalk.collectors.amqp import topology as topo
+from stalk.collectors.amqp.consumer import Consumer
+from stalk.collectors.amqp.settings import AMQPSettings
 from stalk.collectors.base import (
     AdapterFeatures,
     Backlog,

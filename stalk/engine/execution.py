@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from stalk.engine.handler import PreparedHandler, from_exception, to_result
 from stalk.errors import HandlerTimeout
-from stalk.handler import PreparedHandler, from_exception, to_result
 from stalk.message import Message
 from stalk.result import Result
 

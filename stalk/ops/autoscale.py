@@ -21,12 +21,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from stalk.engine.policy import Action
 from stalk.errors import ConfigError
 from stalk.message import Message
-from stalk.policy import Action
 
 if TYPE_CHECKING:
-    from stalk.collector import BaseCollector
+    from stalk.engine.collector import BaseCollector
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from stalk.engine.policy import Ack, Action
 from stalk.message import Message
-from stalk.policy import Ack, Action
 
 #: Record attributes that are the logging module's own, not context passed in ``extra=``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from stalk.handler import prepare
+from stalk.engine.handler import prepare
 from stalk.message import Message
 from stalk.result import Result
 

@@ -28,11 +28,17 @@ import time
 from typing import Any
 
 from stalk.collectors.base import Adapter
-from stalk.fleet import REQUEST_TIMEOUT_S, Fleet, Worker
-from stalk.http import ControlServer
-from stalk.metrics import CollectorStats
-from stalk.ops import ENV_REPORT_FD, ENV_SUPERVISOR_PID, ENV_WORKER_ID, EXIT_RECYCLE, OpsConfig
-from stalk.progress import Progress, wanted
+from stalk.engine.stats import CollectorStats
+from stalk.ops.config import (
+    ENV_REPORT_FD,
+    ENV_SUPERVISOR_PID,
+    ENV_WORKER_ID,
+    EXIT_RECYCLE,
+    OpsConfig,
+)
+from stalk.ops.fleet import REQUEST_TIMEOUT_S, Fleet, Worker
+from stalk.ops.http import ControlServer
+from stalk.ops.progress import Progress, wanted
 
 logger = logging.getLogger(__name__)
 

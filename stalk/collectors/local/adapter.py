@@ -23,25 +23,32 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from stalk.collectors._local_settings import (
+from stalk.collectors.base import Backlog, PollingAdapter, build_settings
+from stalk.collectors.local.settings import (
     DEFAULT_PATH,
     LOCAL_FEATURES,
     QUEUE_NAME,
     LocalSettings,
     check_name,
 )
-from stalk.collectors._local_store import LocalStore
-from stalk.collectors._local_thread import DatabaseThread
-from stalk.collectors.base import Backlog, PollingAdapter, build_settings
+from stalk.collectors.local.store import LocalStore
+from stalk.collectors.local.thread import DatabaseThread
 from stalk.errors import ConfigError, MessageTooLarge
 from stalk.message import Failure, Message
 
-__all__ = ["DEFAULT_PATH", "LOCAL_FEATURES", "QUEUE_NAME", "LocalAdapter", "LocalSettings",
-           "check_name"]
+__all__ = [
+    "DEFAULT_PATH",
+    "LOCAL_FEATURES",
+    "QUEUE_NAME",
+    "LocalAdapter",
+    "LocalSettings",
+    "check_name",
+]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
 
 class LocalAdapter(PollingAdapter):
     """Polling adapter over one SQLite WAL file shared by any number of queues and processes.
@@ -123,8 +130,11 @@ class LocalAdapter(PollingAdapter):
         settings = self.settings
 
         def connect() -> None:
-            self._store = LocalStore(self.path, full_sync=settings.durability == "full",
-                                     lock_timeout_s=settings.lock_timeout_s)
+            self._store = LocalStore(
+                self.path,
+                full_sync=settings.durability == "full",
+                lock_timeout_s=settings.lock_timeout_s,
+            )
             if settings.topic is not None:
                 self._store.subscribe(settings.topic, self._source)
 
@@ -152,8 +162,13 @@ class LocalAdapter(PollingAdapter):
         wait for it: delayed messages come back on time, not a whole polling period late.
         Messages published by another process meanwhile wait for the next poll.
         """
-        lease = (self.store.lease, self._source, max_messages, self.visibility_timeout_s,
-                 self._errors)
+        lease = (
+            self.store.lease,
+            self._source,
+            max_messages,
+            self.visibility_timeout_s,
+            self._errors,
+        )
         messages = await self._call(*lease)
         if messages or wait_s <= 0:
             return messages
@@ -173,14 +188,19 @@ class LocalAdapter(PollingAdapter):
         if deleted < len(held):
             logger.warning(
                 "%d of %d acks on %s refused: their lease expired and another worker took them",
-                len(held) - deleted, len(held), self.describe(),
+                len(held) - deleted,
+                len(held),
+                self.describe(),
             )
 
     async def retry_later(self, message: Message, delay_s: float) -> None:
         """Make the message due in ``delay_s`` (``visible_at``); attributes are saved with it."""
         if not await self._call(self.store.requeue, message, delay_s, True):
-            logger.warning("retry of %s refused: its lease expired", message.id,
-                           extra={"message_id": message.id, "backend": self.name})
+            logger.warning(
+                "retry of %s refused: its lease expired",
+                message.id,
+                extra={"message_id": message.id, "backend": self.name},
+            )
 
     async def release(self, message: Message) -> None:
         """Make the message due now without counting the delivery. Idempotent."""
@@ -243,8 +263,14 @@ class LocalAdapter(PollingAdapter):
 
         def run() -> list[str]:
             queues = store.targets(topic) if topic is not None else [self._source]
-            return store.insert(queues, bodies, attributes, max(0.0, delay_s),
-                                self.settings.message_ttl_s, self.settings.max_queue_length)
+            return store.insert(
+                queues,
+                bodies,
+                attributes,
+                max(0.0, delay_s),
+                self.settings.message_ttl_s,
+                self.settings.max_queue_length,
+            )
 
         return await self._call(run)
 
@@ -265,17 +291,25 @@ class LocalAdapter(PollingAdapter):
         store = self.store
 
         def run() -> dict[str, Backlog]:
-            return {q: store.backlog(q, self.default_error_topic(q))
-                    for q in store.subscriptions(check_name(name, "topic"))}
+            return {
+                q: store.backlog(q, self.default_error_topic(q))
+                for q in store.subscriptions(check_name(name, "topic"))
+            }
 
         return await self._call(run)
 
     async def subscribe(self, topic: str, queue: str | None = None) -> None:
         """Subscribe ``queue`` (default: the source) to ``topic``; it gets only later publishes."""
-        await self._call(self.store.subscribe, check_name(topic, "topic"),
-                         check_name(queue or self._source, "queue"))
+        await self._call(
+            self.store.subscribe,
+            check_name(topic, "topic"),
+            check_name(queue or self._source, "queue"),
+        )
 
     async def unsubscribe(self, topic: str, queue: str | None = None) -> None:
         """Stop copying ``topic`` into ``queue`` (default: the source); its messages stay."""
-        await self._call(self.store.unsubscribe, check_name(topic, "topic"),
-                         check_name(queue or self._source, "queue"))
+        await self._call(
+            self.store.unsubscribe,
+            check_name(topic, "topic"),
+            check_name(queue or self._source, "queue"),
+        )

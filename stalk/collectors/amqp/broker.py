@@ -26,11 +26,11 @@ from aio_pika.exceptions import (
 )
 from pamqp.commands import Basic
 
-from stalk.collectors import _amqp_topology as topo
+from stalk.collectors.amqp import topology as topo
 from stalk.errors import BackendError, BackendUnavailable, ConfigError, QueueNotFound
 
 if TYPE_CHECKING:
-    from stalk.collectors._amqp_topology import AMQPSettings
+    from stalk.collectors.amqp.settings import AMQPSettings
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Prometheus exposition of collectors' counters, with prometheus-client or without it.
 
-The engine only bumps plain ints (:class:`stalk.metrics.CollectorStats`); nothing here runs per
+The engine only bumps plain ints (:class:`stalk.engine.stats.CollectorStats`); nothing here runs per
 message. At scrape time :func:`families` turns snapshots into metric families once, and they are
 written either by prometheus-client (extra ``stalk[prometheus]``: a private registry per exporter,
 plus the process metrics) or, with no extra installed, by :func:`render_text` in the same text
@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stalk.metrics import DURATION_BUCKETS_S, Snapshot
+from stalk.engine.stats import DURATION_BUCKETS_S
+from stalk.ops.status import Snapshot
 
 #: Content type of the Prometheus text format, version 0.0.4.
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -16,14 +16,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from stalk.collectors import _sqs_wire as wire
-from stalk.collectors._sqs_calls import SQSCalls
-from stalk.collectors._sqs_fifo import GroupGate
+from stalk.collectors.sqs import wire as wire
+from stalk.collectors.sqs.calls import SQSCalls
+from stalk.collectors.sqs.fifo import GroupGate
 from stalk.errors import BackendError
 from stalk.message import ATTR_ATTEMPT, ATTR_FIRST_FAILURE_AT, Failure, Message
 
 if TYPE_CHECKING:
-    from stalk.collectors.sqs import SQSSettings
+    from stalk.collectors.sqs.settings import SQSSettings
 
 logger = logging.getLogger("stalk.collectors.sqs")
 
@@ -93,8 +93,13 @@ class SQSSettling:
             await self._park(message, receipt, delay_s, message.attempt + 1)
         else:
             if seconds > cap:
-                logger.warning("FIFO message %s: retry delay %ss capped at %ss (SQS's 12 h)",
-                               message.id, seconds, cap, extra={"message_id": message.id})
+                logger.warning(
+                    "FIFO message %s: retry delay %ss capped at %ss (SQS's 12 h)",
+                    message.id,
+                    seconds,
+                    cap,
+                    extra={"message_id": message.id},
+                )
             try:
                 await self._change_visibility(receipt, min(seconds, cap))
             except BackendError as exc:  # SQS counted the 12 h from another start than we did
@@ -117,9 +122,13 @@ class SQSSettling:
 
     async def _change_visibility(self, receipt: wire.Receipt, seconds: int) -> None:
         client = self.sqs.client
-        await self.sqs.call("ChangeMessageVisibility", self._name, lambda: (
-            client.change_message_visibility(
-                QueueUrl=self._url, ReceiptHandle=receipt.handle, VisibilityTimeout=seconds)))
+        await self.sqs.call(
+            "ChangeMessageVisibility",
+            self._name,
+            lambda: client.change_message_visibility(
+                QueueUrl=self._url, ReceiptHandle=receipt.handle, VisibilityTimeout=seconds
+            ),
+        )
 
     async def _give_back_held(self, message: Message) -> None:
         """After a FIFO head is retried or released, its held group-mates go back behind it."""
@@ -144,8 +153,12 @@ class SQSSettling:
         first = min(self.max_send_delay_s, math.ceil(delay_s))
         await self.sqs.send(self._url, self._name, receipt.text,
                             wire.copy_attributes(receipt, marks), DelaySeconds=first)  # fmt: skip
-        logger.info("message %s parked for %.0fs (past SQS's visibility limit)", message.id,
-                    delay_s, extra={"message_id": message.id})
+        logger.info(
+            "message %s parked for %.0fs (past SQS's visibility limit)",
+            message.id,
+            delay_s,
+            extra={"message_id": message.id},
+        )
         await self._quietly(
             self.sqs.settle(self._url, self._name, [(message.id, receipt.handle, None)]),
             "delete the parked original",

@@ -20,14 +20,14 @@ from typing import Any, Literal
 
 from stalk.backoff import PollBackoff
 from stalk.collectors.base import Adapter, PollingAdapter, PushAdapter
+from stalk.engine.execution import AsyncExecutor, Executor, ThreadExecutor
+from stalk.engine.handler import prepare, resolve_exceptions
+from stalk.engine.policy import RetryPolicy
+from stalk.engine.settle import Observer, Settler
+from stalk.engine.stats import CollectorStats
 from stalk.errors import ConfigError
-from stalk.execution import AsyncExecutor, Executor, ThreadExecutor
-from stalk.handler import prepare, resolve_exceptions
 from stalk.message import Message
-from stalk.metrics import CollectorStats
 from stalk.options import CollectorOptions
-from stalk.policy import RetryPolicy
-from stalk.settle import Observer, Settler
 
 logger = logging.getLogger(__name__)
 

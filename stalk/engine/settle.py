@@ -15,12 +15,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from stalk.collectors.base import Adapter
+from stalk.engine.policy import Ack, Action, Drop, RetryLater, RetryPolicy, RouteToError, decide
+from stalk.engine.stats import CollectorStats
 from stalk.message import ATTR_FIRST_FAILURE_AT, Failure, Message
-from stalk.metrics import CollectorStats
-from stalk.policy import Ack, Action, Drop, RetryLater, RetryPolicy, RouteToError, decide
 from stalk.result import Result
 
-logger = logging.getLogger("stalk.collector")
+logger = logging.getLogger("stalk.engine.collector")
 
 #: Starts a background task owned by the collector (so shutdown can cancel it).
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]

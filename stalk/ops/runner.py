@@ -7,139 +7,31 @@ anyway; the only per-message hook (``on_outcome``) is installed when something n
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from stalk.autoscale import Autoscaler, AutoscaleSettings, parse_bounds
-from stalk.collector import BaseCollector
-from stalk.errors import ConfigError
-from stalk.http import CollectorControl, ControlServer
-from stalk.logs import outcome_logger
+from stalk.engine.collector import BaseCollector
+from stalk.engine.policy import Action
 from stalk.message import Message
-from stalk.metrics import Snapshot
-from stalk.policy import Action
-from stalk.progress import Progress, wanted
+from stalk.ops.autoscale import Autoscaler, AutoscaleSettings
+from stalk.ops.config import EXIT_RECYCLE, OpsConfig
+from stalk.ops.http import CollectorControl, ControlServer
+from stalk.ops.logs import outcome_logger
+from stalk.ops.progress import Progress, wanted
+from stalk.ops.status import Snapshot
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of a worker that stopped to be replaced (max messages or memory reached).
-EXIT_RECYCLE = 3
-#: Environment a supervisor gives each worker process: its index, the pipe it reports on, its pid.
-ENV_WORKER_ID = "STALK_WORKER_ID"
-ENV_REPORT_FD = "STALK_REPORT_FD"
-ENV_SUPERVISOR_PID = "STALK_SUPERVISOR_PID"
 #: Seconds between backlog polls (the gauge), and between recycling/parent checks.
 BACKLOG_POLL_S = 5.0
 AUTOSCALE_BACKLOG_POLL_S = 1.0
 WATCH_S = 0.5
-
-_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmg]?)i?b?\s*$")
-
-
-def parse_size(text: str) -> int:
-    """Parse ``512M``, ``2G``, ``800K`` or a plain number of MiB into bytes.
-
-    Raises:
-        ConfigError: not a size.
-    """
-    match = _SIZE.match(text)
-    if match is None:
-        raise ConfigError(f"--max-memory-per-child expects a size like 512M or 2G; got {text!r}")
-    number, unit = float(match.group(1)), match.group(2).lower() or "m"
-    return int(number * 1024 ** {"k": 1, "m": 2, "g": 3}[unit])
-
-
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """Add the operations flags to ``stalk run``."""
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve /healthz /metrics /status and POST /sleep /wake /scale (0: any free port)",
-    )
-    parser.add_argument("--http-host", default="127.0.0.1", help="default: 127.0.0.1 (loopback)")
-    parser.add_argument(
-        "--autoscale", default=None, metavar="MIN:MAX", help="grow/shrink concurrency with load"
-    )
-    parser.add_argument(
-        "--processes", type=int, default=1, metavar="N", help="N supervised worker processes"
-    )
-    parser.add_argument(
-        "--max-messages-per-child",
-        type=int,
-        default=None,
-        metavar="N",
-        help="replace a worker process after N messages (implies supervision)",
-    )
-    parser.add_argument(
-        "--max-memory-per-child",
-        default=None,
-        metavar="SIZE",
-        help="replace a worker over SIZE resident memory, e.g. 512M, 2G (plain number: MiB)",
-    )
-    parser.add_argument("--quiet", "-q", action="store_true", help="no live progress line")
-
-
-@dataclass(frozen=True, slots=True)
-class OpsConfig:
-    """The operations choices of one ``stalk run``."""
-
-    http_host: str = "127.0.0.1"
-    http_port: int | None = None
-    autoscale: tuple[int, int] | None = None
-    processes: int = 1
-    max_messages: int | None = None
-    max_memory_bytes: int | None = None
-    quiet: bool = False
-    #: Set in a worker process started by a supervisor.
-    worker_id: int | None = None
-    report_fd: int | None = None
-    supervisor_pid: int | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> OpsConfig:
-        """Read the flags (and, in a worker process, the supervisor's environment).
-
-        Raises:
-            ConfigError: a value out of range.
-        """
-        if args.processes < 1:
-            raise ConfigError(f"--processes must be >= 1, got {args.processes}")
-        if args.max_messages_per_child is not None and args.max_messages_per_child < 1:
-            raise ConfigError("--max-messages-per-child must be >= 1")
-        worker = os.environ.get(ENV_WORKER_ID)
-        return cls(
-            http_host=args.http_host,
-            http_port=args.http_port,
-            autoscale=parse_bounds(args.autoscale) if args.autoscale else None,
-            processes=args.processes,
-            max_messages=args.max_messages_per_child,
-            max_memory_bytes=(
-                parse_size(args.max_memory_per_child) if args.max_memory_per_child else None
-            ),
-            quiet=args.quiet,
-            worker_id=int(worker) if worker is not None else None,
-            report_fd=int(os.environ[ENV_REPORT_FD]) if ENV_REPORT_FD in os.environ else None,
-            supervisor_pid=(
-                int(os.environ[ENV_SUPERVISOR_PID]) if ENV_SUPERVISOR_PID in os.environ else None
-            ),
-        )
-
-    @property
-    def supervise(self) -> bool:
-        """True when this process should start workers rather than consume itself."""
-        recycles = self.max_messages is not None or self.max_memory_bytes is not None
-        return self.worker_id is None and (self.processes > 1 or recycles)
 
 
 class WorkerLogTag(logging.Filter):

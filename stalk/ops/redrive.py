@@ -64,8 +64,10 @@ async def redrive(
         BackendError: from either adapter; what was moved so far stays moved, the rest stays.
     """
     if not isinstance(from_adapter, PollingAdapter):
-        raise ConfigError(f"backend {from_adapter.name!r} cannot be redriven yet: reading its "
-                          "error topic needs a polling adapter")
+        raise ConfigError(
+            f"backend {from_adapter.name!r} cannot be redriven yet: reading its "
+            "error topic needs a polling adapter"
+        )
     if from_adapter.describe() == to_adapter.describe():
         raise ConfigError(f"redrive from and to the same place ({to_adapter.describe()})")
     if limit is not None and limit < 0:
@@ -82,8 +84,9 @@ async def redrive(
         if looped:
             logger.warning("stopping: message failed again after this redrive moved it")
             break
-    logger.info("redrove %d message(s) from %s to %s", moved, from_adapter.describe(),
-                to_adapter.describe())
+    logger.info(
+        "redrove %d message(s) from %s to %s", moved, from_adapter.describe(), to_adapter.describe()
+    )
     return moved
 
 
@@ -104,7 +107,7 @@ async def _move_batch(
     finally:
         if published:
             await from_adapter.ack(published)
-        for message in batch[len(published):]:
+        for message in batch[len(published) :]:
             with contextlib.suppress(Exception):  # it comes back when its lease ends anyway
                 await from_adapter.release(message)
     return len(published), looped

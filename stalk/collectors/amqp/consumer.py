@@ -16,7 +16,7 @@ from typing import Any
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from stalk.collectors._amqp_broker import FAILED
+from stalk.collectors.amqp.broker import FAILED
 
 logger = logging.getLogger(__name__)
 

@@ -55,62 +55,20 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
-from stalk.collectors import _sqs_wire as wire
-from stalk.collectors._sqs_calls import MAX_BATCH, SQSCalls
-from stalk.collectors._sqs_fifo import GroupGate
-from stalk.collectors._sqs_settle import SQSSettling
 from stalk.collectors.base import (
-    AdapterFeatures,
-    AdapterSettings,
     Backlog,
     PollingAdapter,
     build_settings,
 )
+from stalk.collectors.sqs import wire as wire
+from stalk.collectors.sqs.calls import MAX_BATCH, SQSCalls
+from stalk.collectors.sqs.fifo import GroupGate
+from stalk.collectors.sqs.settings import SQS_FEATURES, SQSSettings
+from stalk.collectors.sqs.settle import SQSSettling
 from stalk.errors import BackendError, ConfigError, MessageTooLarge, QueueNotFound
 from stalk.message import ATTR_ATTEMPT, Message
 
 logger = logging.getLogger(__name__)
-
-SQS_FEATURES = AdapterFeatures(
-    native_delay=True,
-    max_delay_s=None,  # parked copies chain past SQS's 12 h (FIFO: capped, see above)
-    delay_precision_s=2.0,  # whole seconds, plus a poll
-    ordering=False,  # standard queues; FIFO queues keep order per group
-    persistent=True,
-    native_attempts=True,
-    visibility_timeout=True,
-    backlog=True,
-    binary_body=True,  # non-text bodies travel base64 with a marker attribute
-)
-
-
-class SQSSettings(AdapterSettings):
-    """``--option`` keys of the sqs backend (env ``STALK_SQS_<KEY>``); boto3's chain fills gaps."""
-
-    model_config = SettingsConfigDict(env_prefix="STALK_SQS_", extra="forbid")
-
-    #: SQS-compatible endpoint (moto, LocalStack, ElasticMQ); unset = AWS_ENDPOINT_URL or AWS.
-    endpoint_url: str | None = None
-    #: AWS region; unset = AWS_REGION/AWS_DEFAULT_REGION/profile, else the region in a queue URL.
-    region: str | None = None
-    #: Longest long poll (WaitTimeSeconds). The engine's polling period bounds each poll too:
-    #: raise ``--max-polling-period`` to 20 for the fewest requests on an idle queue.
-    wait_time_s: int = Field(default=20, ge=0, le=20)
-    #: boto3 profile (``~/.aws/config``); unset = AWS_PROFILE or the default chain.
-    profile: str | None = None
-    #: SQS calls at once: the adapter's threads and pooled HTTP connections.
-    max_connections: int = Field(default=32, ge=2, le=512)
-    #: Seconds to wait for a TCP connection before an attempt counts as failed.
-    connect_timeout_s: float = Field(default=5.0, gt=0)
-    #: Attempts per call (boto3 "standard" retry mode: throttling, 5xx, connection errors).
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    #: FIFO MessageGroupId for a publish without a ``stalk-group-id`` attribute.
-    group_id: str = "stalk"
-    #: Create the source and error queue when missing (development, tests); off for production.
-    create_queues: bool = False
 
 
 class SQSAdapter(SQSSettling, PollingAdapter):
@@ -119,6 +77,7 @@ class SQSAdapter(SQSSettling, PollingAdapter):
     name = "sqs"
     features = SQS_FEATURES
     settings_model = SQSSettings
+
     def __init__(
         self,
         source: str | None = None,
@@ -282,10 +241,14 @@ class SQSAdapter(SQSSettling, PollingAdapter):
         extra: dict[str, Any] = {}
         if self._fifo:
             if delay_s > 0:
-                raise BackendError(f"FIFO queue {self._name!r} takes no per-message delay; "
-                                   "set the queue's DelaySeconds instead")
-            extra = {"MessageGroupId": group or self.settings.group_id,
-                     "MessageDeduplicationId": dedup or uuid.uuid4().hex}
+                raise BackendError(
+                    f"FIFO queue {self._name!r} takes no per-message delay; "
+                    "set the queue's DelaySeconds instead"
+                )
+            extra = {
+                "MessageGroupId": group or self.settings.group_id,
+                "MessageDeduplicationId": dedup or uuid.uuid4().hex,
+            }
         elif delay_s > self.max_send_delay_s:
             marks[wire.ATTR_NOT_BEFORE] = f"{time.time() + delay_s:.3f}"
             extra["DelaySeconds"] = self.max_send_delay_s
@@ -294,8 +257,10 @@ class SQSAdapter(SQSSettling, PollingAdapter):
         packed = wire.pack(wire.string_attributes(own), wire.string_attributes(marks))
         size = wire.attributes_size(text, packed)
         if size > self._max_bytes:
-            raise MessageTooLarge(f"message of {size} bytes (body and attributes) is over SQS "
-                                  f"queue {self._name!r}'s MaximumMessageSize of {self._max_bytes}")
+            raise MessageTooLarge(
+                f"message of {size} bytes (body and attributes) is over SQS "
+                f"queue {self._name!r}'s MaximumMessageSize of {self._max_bytes}"
+            )
         return await self.sqs.send(self._url, self._name, text, packed, **extra)
 
     async def backlog(self) -> Backlog | None:

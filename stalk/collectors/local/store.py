@@ -2,7 +2,7 @@
 
 Everything here is synchronous and runs on the adapter's database thread
 (:mod:`stalk.collectors.local` is the asyncio face; the statements and the fencing rule are in
-:mod:`stalk.collectors._local_sql`). A row leased by one process cannot be leased by another
+:mod:`stalk.collectors.local.sql`). A row leased by one process cannot be leased by another
 until its lease ends, because every change is one transaction under SQLite's write lock.
 
 Durability: a publish is what a caller is told "success" for, so with ``full`` it commits with
@@ -19,9 +19,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stalk.collectors import _local_sql as sql
-from stalk.collectors._local_file import SQLiteFile
 from stalk.collectors.base import Backlog
+from stalk.collectors.local import sql as sql
+from stalk.collectors.local.file import SQLiteFile
 from stalk.errors import QueueFull, QueueNotFound
 from stalk.message import Failure, Message
 
@@ -45,16 +45,32 @@ class LocalStore(SQLiteFile):
         out: list[Message] = []
         expired: list[Message] = []
         for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows:
-            message = Message(str(id_), body, json.loads(attrs) if attrs else {},
-                              attempts, enqueued_at, queue, token)
+            message = Message(
+                str(id_),
+                body,
+                json.loads(attrs) if attrs else {},
+                attempts,
+                enqueued_at,
+                queue,
+                token,
+            )
             if expires_at is not None and expires_at <= now:
                 expired.append(message)
             else:
                 out.append(message)
         if expired:
-            self.write(lambda conn: [self._move(conn, m, error_queue, Failure.build(
-                m, "expired", "message_ttl_s elapsed before it was handled"), now)
-                for m in expired])
+            self.write(
+                lambda conn: [
+                    self._move(
+                        conn,
+                        m,
+                        error_queue,
+                        Failure.build(m, "expired", "message_ttl_s elapsed before it was handled"),
+                        now,
+                    )
+                    for m in expired
+                ]
+            )
         out.sort(key=lambda m: int(m.id))
         return out
 
@@ -76,8 +92,13 @@ class LocalStore(SQLiteFile):
 
     def requeue(self, message: Message, delay_s: float, counted: bool) -> bool:
         """Make a leased message due in ``delay_s``; uncount the delivery if not ``counted``."""
-        params = (time.time() + delay_s, 0 if counted else 1,
-                  encode_attributes(message.attributes), int(message.id), message.receipt)
+        params = (
+            time.time() + delay_s,
+            0 if counted else 1,
+            encode_attributes(message.attributes),
+            int(message.id),
+            message.receipt,
+        )
         return self.write(lambda conn: conn.execute(sql.REQUEUE, params).rowcount) > 0
 
     def extend(self, message: Message, seconds: float) -> bool:
@@ -90,15 +111,19 @@ class LocalStore(SQLiteFile):
 
         Returns True when the row itself moved (the engine's following ack has nothing to do).
         """
-        return self.write(lambda conn: self._move(conn, message, error_queue, failure,
-                                                  time.time()))
+        return self.write(lambda conn: self._move(conn, message, error_queue, failure, time.time()))
 
     @staticmethod
-    def _move(conn: sqlite3.Connection, message: Message, error_queue: str, failure: Failure,
-              now: float) -> bool:
+    def _move(
+        conn: sqlite3.Connection, message: Message, error_queue: str, failure: Failure, now: float
+    ) -> bool:
         attrs = encode_attributes({**message.attributes, **failure.to_attributes()})
-        moved = conn.execute(sql.MOVE, (error_queue, attrs, now, now, int(message.id),
-                                        message.receipt)).rowcount > 0
+        moved = (
+            conn.execute(
+                sql.MOVE, (error_queue, attrs, now, now, int(message.id), message.receipt)
+            ).rowcount
+            > 0
+        )
         if moved:
             conn.execute(sql.COUNT, (message.source, -1))
         else:
@@ -134,11 +159,14 @@ class LocalStore(SQLiteFile):
                     row = conn.execute(sql.LENGTH, (name,)).fetchone()
                     held = row[0] if row else 0
                     if held + len(bodies) > max_length:
-                        raise QueueFull(f"queue {name!r} holds {held} messages and "
-                                        f"max_queue_length is {max_length}; nothing was published")
+                        raise QueueFull(
+                            f"queue {name!r} holds {held} messages and "
+                            f"max_queue_length is {max_length}; nothing was published"
+                        )
                 for body in bodies:
-                    row = conn.execute(sql.INSERT, (name, body, attrs, now, now + delay_s,
-                                                    expires)).fetchone()
+                    row = conn.execute(
+                        sql.INSERT, (name, body, attrs, now, now + delay_s, expires)
+                    ).fetchone()
                     if name == queues[0]:
                         ids.append(str(row[0]))
                 conn.execute(sql.COUNT, (name, len(bodies)))

@@ -3,7 +3,7 @@
 Endpoints::
 
     GET  /healthz                  200 "ok" when connected and the loop answers, else 503 + reason
-    GET  /metrics                  Prometheus text format (see stalk.prometheus)
+    GET  /metrics                  Prometheus text format (see stalk.ops.prometheus)
     GET  /status                   JSON: state, backend, source, concurrency, in_flight, counts
     POST /sleep | /wake            stop / start intake
     POST /scale?concurrency=N      change concurrency live
@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from stalk.metrics import Snapshot
-from stalk.prometheus import MetricsExporter
+from stalk.ops.prometheus import MetricsExporter
+from stalk.ops.status import Snapshot
 
 if TYPE_CHECKING:
-    from stalk.collector import BaseCollector
+    from stalk.engine.collector import BaseCollector
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The amqp adapter's settings, and the names, arguments and headers it uses: no I/O.
+"""The names, arguments and headers it uses: no I/O.
 
 Kept apart from ``amqp.py`` so the topology (what stalk declares on the broker) reads in one
 place and is unit-testable without a server.
@@ -23,57 +23,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
-
-from stalk.collectors.base import AdapterSettings
+from stalk.collectors.amqp.settings import QueueType
 from stalk.message import ATTR_ATTEMPT, ATTR_PREFIX
-
-QueueType = Literal["classic", "quorum"]
-
-
-class AMQPSettings(AdapterSettings):
-    """Options of ``--backend amqp`` (``--option key=value`` or ``STALK_AMQP_<KEY>``)."""
-
-    model_config = SettingsConfigDict(env_prefix="STALK_AMQP_", extra="forbid")
-
-    #: Broker URL; user and password never appear in stalk's logs or ``describe()``.
-    url: str = "amqp://guest:guest@127.0.0.1/"
-    #: Exchange to bind the source queue to ("" = none; producers publish to the queue).
-    exchange: str = ""
-    #: Type of ``exchange`` when stalk declares it.
-    exchange_type: Literal["direct", "topic", "fanout", "headers"] = "direct"
-    #: Binding key of the source on ``exchange``; default the source name.
-    routing_key: str | None = None
-    #: ``true``: declare source, error queue, exchange, binding. ``passive``: check they exist.
-    #: ``false``: declare nothing (only the source is checked, to consume it).
-    declare: Literal["true", "false", "passive"] = "true"
-    #: Type of the source and error queues (and of the delay buckets).
-    queue_type: QueueType = "classic"
-    #: Prefetch when it should not follow the engine's concurrency (0 = follow it).
-    prefetch: int = Field(default=0, ge=0, le=65535)
-    #: Redeliveries without a Result (worker crashes) before the error topic; the engine's own
-    #: ``max_retries`` replaces it when the engine passes it to ``bind``.
-    max_retries: int = Field(default=5, ge=0)
-    #: TCP + AMQP handshake limit of one connection attempt.
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    #: Keep trying to connect at ``open`` this long before failing (0 = fail at once).
-    connect_wait_s: float = Field(default=0.0, ge=0)
-    #: Pause between reconnection attempts after the connection was lost.
-    reconnect_interval_s: float = Field(default=2.0, gt=0)
-    #: Longest wait for one broker operation (publish confirm, declare, consume).
-    timeout_s: float = Field(default=30.0, gt=0)
-
-    @field_validator("declare", mode="before")
-    @classmethod
-    def _normalise_declare(cls, value: object) -> object:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return value.strip().lower() if isinstance(value, str) else value
-
 
 #: Bucket mantissas per decade: round numbers people pass as delays, adjacent ones <= 20% apart.
 LADDER = (1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0, 2.25, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0)

@@ -1,7 +1,7 @@
 """The local backend's SQLite file: creating it safely, opening it, and waiting out locks.
 
 :class:`SQLiteFile` owns one connection and knows nothing of queues; :class:`LocalStore` in
-:mod:`stalk.collectors._local_store` adds the queue operations. Everything runs on the adapter's
+:mod:`stalk.collectors.local.store` adds the queue operations. Everything runs on the adapter's
 database thread.
 
 Several processes may write the file: each change is one ``BEGIN IMMEDIATE`` transaction under
@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from stalk.collectors import _local_sql as sql
+from stalk.collectors.local import sql as sql
 from stalk.errors import BackendError, BackendUnavailable, ConfigError
 
 T = TypeVar("T")
@@ -108,13 +108,17 @@ class SQLiteFile:
         if code == 11:  # SQLITE_CORRUPT
             return BackendError(f"{where} is damaged ({exc}); move it aside or restore a backup")
         if code in (3, 8, 14):  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
-            return ConfigError(f"{where} cannot be written ({exc}); check that the directory "
-                               "and the file are writable by this user")
+            return ConfigError(
+                f"{where} cannot be written ({exc}); check that the directory "
+                "and the file are writable by this user"
+            )
         if code == 13:  # SQLITE_FULL
             return BackendError(f"{where}: disk full ({exc})")
         if code in _BUSY_CODES:
-            return BackendUnavailable(f"{where} stayed locked by another process for "
-                                      f"{self.lock_timeout_s:g}s; is a process stuck?")
+            return BackendUnavailable(
+                f"{where} stayed locked by another process for "
+                f"{self.lock_timeout_s:g}s; is a process stuck?"
+            )
         return BackendUnavailable(f"{where}: {exc}")
 
     def retry(self, fn: Callable[[], T]) -> T:

@@ -1,7 +1,7 @@
 """The worker processes of a supervisor seen as one collector: summed counters, one health.
 
-The supervisor (``stalk.supervisor``) starts and restarts processes; this module keeps what it
-knows of each and answers the control server's questions (it is a :class:`stalk.http.Control`).
+The supervisor (``stalk.ops.supervisor``) starts and restarts processes; this module keeps what it
+knows of each and answers the control server's questions (it is a :class:`stalk.ops.http.Control`).
 Each worker serves ``/status`` on a loopback port it reported; a fleet polls those, sums their
 counters with those of workers that already exited (so counters never go back on a restart),
 and forwards sleep, wake and scale to every worker.
@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stalk.collectors.base import Adapter, Backlog
-from stalk.metrics import CollectorStats, Snapshot
-from stalk.prometheus import Family, MetricsExporter
+from stalk.engine.stats import CollectorStats
+from stalk.ops.prometheus import Family, MetricsExporter
+from stalk.ops.status import Snapshot
 
 #: Seconds one request to a worker may take.
 REQUEST_TIMEOUT_S = 2.0
@@ -73,7 +74,7 @@ async def request(port: int, method: str, path: str) -> tuple[int, bytes]:
 
 
 class Fleet:
-    """What a supervisor knows of its workers, and the :class:`~stalk.http.Control` over them."""
+    """What a supervisor knows of its workers, and the control (:mod:`stalk.ops.http`) over them."""
 
     def __init__(self, adapter: Adapter, processes: int) -> None:
         self.adapter = adapter
