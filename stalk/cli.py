@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from stalk import __version__
 from stalk.collectors import registry
-from stalk.collectors.base import Adapter, Backlog
+from stalk.collectors.base import Adapter, Backlog, BatchPublisher, TopicAdmin
 from stalk.engine.collector import BaseCollector
 from stalk.engine.handler import load
 from stalk.errors import BackendError, ConfigError, HandlerImportError, StalkError
@@ -244,12 +244,11 @@ def summary(collector: BaseCollector) -> str:
 
 
 async def _send(adapter: Adapter, bodies: list[bytes], attrs: dict[str, str], delay: float) -> int:
-    adapter.bind(None, None)
+    adapter.source_name  # noqa: B018 - one line naming --source before connecting
     await adapter.open()
     try:
-        publish_batch = getattr(adapter, "publish_batch", None)
-        if publish_batch is not None and len(bodies) > 1:  # one transaction: all or nothing
-            ids = await publish_batch(bodies, attrs, delay)
+        if isinstance(adapter, BatchPublisher) and len(bodies) > 1:  # one call: all or nothing
+            ids = await adapter.publish_batch(bodies, attrs, delay)
         else:
             ids = [await adapter.publish(body, attrs, delay) for body in bodies]
     finally:
@@ -271,12 +270,10 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 async def _stats(adapter: Adapter, topic: str | None) -> dict[str, Backlog | None]:
     """Return counts per source: the one source, or each subscription of ``topic``."""
-    adapter.bind(None, None)
     await adapter.open()
     try:
-        topic_stats = getattr(adapter, "topic_stats", None)
-        if topic and topic_stats is not None:
-            return dict(await topic_stats(topic))
+        if topic and isinstance(adapter, TopicAdmin):
+            return dict(await adapter.topic_stats(topic))
         return {adapter.source or "?": await adapter.backlog()}
     finally:
         await adapter.close()

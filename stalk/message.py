@@ -37,6 +37,16 @@ class Message:
         enqueued_at: epoch seconds when the broker first accepted it, if known.
         source: the queue or subscription it came from.
         receipt: the adapter's own handle for ack/retry (receipt handle, delivery tag, lease).
+        redelivered: the broker delivered it before and that delivery was never settled (its
+            worker died or lost the connection), as AMQP's ``redelivered`` flag says.
+        deliveries_counted: ``attempt`` counts every delivery, including ones whose worker
+            died (SQS receive count, quorum ``x-delivery-count``, NSQ ``attempts``). False where
+            the broker cannot count (AMQP classic queues): the engine then has a redelivered
+            message's count raised in the broker before the handler may run again.
+        expires_at: epoch seconds after which it must not be handled (the broker's TTL), if any.
+
+    Adapters report these facts; the engine's policy (:func:`stalk.engine.policy.admit`) decides
+    what follows from them.
     """
 
     id: str
@@ -46,6 +56,9 @@ class Message:
     enqueued_at: float | None = None
     source: str = ""
     receipt: Any = None
+    redelivered: bool = False
+    deliveries_counted: bool = True
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +67,7 @@ class Failure:
 
     Attributes:
         reason: ``fatal``, ``retries_exhausted``, ``error`` (unflagged), ``too_large``,
-            ``expired`` or an adapter's own word.
+            ``expired`` or ``poison`` (delivered more than ``max_retries + 1`` times).
         error: the error text (truncated to ``MAX_ERROR_TEXT``).
         error_type: the exception class name, or ``str`` for a plain text.
     """

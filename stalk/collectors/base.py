@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, Self, final, runtime_checkable
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -115,6 +115,11 @@ def build_settings(
 class Adapter(abc.ABC):
     """What both delivery styles share: lifecycle, settling messages and publishing.
 
+    Configured in one place: ``__init__(source, *, error_topic=None, settings=None)``, where
+    ``settings`` is an instance of ``settings_model`` (``None``: read from the environment and
+    defaults). :meth:`from_options` builds it from ``--option`` pairs; adapters do not override
+    it. The engine alone calls :meth:`bind`, to apply its own options.
+
     Class attributes:
         name: the ``--backend`` name.
         features: what the broker guarantees (see :class:`AdapterFeatures`).
@@ -125,39 +130,64 @@ class Adapter(abc.ABC):
     features: ClassVar[AdapterFeatures] = AdapterFeatures()
     settings_model: ClassVar[type[AdapterSettings]] = AdapterSettings
 
-    def __init__(self, source: str | None = None, *, error_topic: str | None = None) -> None:
+    def __init__(
+        self,
+        source: str | None = None,
+        *,
+        error_topic: str | None = None,
+        settings: AdapterSettings | None = None,
+    ) -> None:
         self.source = source
-        self.error_topic = error_topic
+        self._error_topic = error_topic
         #: Lease a received message gets; the engine sets it from its options in :meth:`bind`
         #: and heartbeats before it lapses.
         self.visibility_timeout_s = 30.0
-        #: The engine's retry limit, for adapters that must count attempts where the broker
-        #: cannot (AMQP's poison rule); ``None`` until the engine binds or the adapter sets it.
-        self.max_retries: int | None = None
+
+    @property
+    def error_topic(self) -> str | None:
+        """Where failed messages go: as given, else :meth:`default_error_topic` of the source."""
+        if self._error_topic:
+            return self._error_topic
+        return self.default_error_topic(self.source) if self.source else None
+
+    @error_topic.setter
+    def error_topic(self, value: str | None) -> None:
+        self._error_topic = value
+
+    @property
+    def source_name(self) -> str:
+        """The source, for adapters about to use it.
+
+        Raises:
+            ConfigError: none was given.
+        """
+        if not self.source:
+            raise ConfigError(f"backend {self.name!r} needs a source: pass --source NAME")
+        return self.source
 
     @classmethod
     def from_options(
         cls, source: str | None, error_topic: str | None, options: Mapping[str, str]
-    ) -> Adapter:
-        """Build the adapter from CLI ``--option`` pairs; adapters with settings override this.
+    ) -> Self:
+        """Build the adapter from CLI ``--option`` pairs (and ``STALK_<BACKEND>_*`` variables).
 
         Raises:
             ConfigError: an unknown key or bad value.
         """
-        build_settings(cls.settings_model, cls.name, options)
-        return cls(source, error_topic=error_topic)
+        settings = build_settings(cls.settings_model, cls.name, options)
+        return cls(source, error_topic=error_topic, settings=settings)
 
+    @final
     def bind(
         self,
         source: str | None,
         error_topic: str | None,
         visibility_timeout_s: float | None = None,
-        max_retries: int | None = None,
     ) -> None:
-        """Take the source, error topic and lease length from the engine's options where given.
+        """Apply the engine's options where they are set: source, error topic, lease length.
 
-        ``max_retries`` is for adapters that must count attempts themselves where the broker
-        cannot (AMQP's poison rule); the decision to retry stays with the engine's policy.
+        Called by the engine before :meth:`open`; not a configuration path for adapters (the
+        retry limit, for one, never reaches an adapter: policy lives in the engine).
 
         Raises:
             ConfigError: no source at all.
@@ -168,12 +198,7 @@ class Adapter(abc.ABC):
             self.error_topic = error_topic
         if visibility_timeout_s is not None:
             self.visibility_timeout_s = visibility_timeout_s
-        if max_retries is not None:
-            self.max_retries = max_retries
-        if not self.source:
-            raise ConfigError(f"backend {self.name!r} needs a source: pass --source NAME")
-        if not self.error_topic:
-            self.error_topic = self.default_error_topic(self.source)
+        self.source_name  # noqa: B018 - raises the one-line error now, not at the first poll
 
     def default_error_topic(self, source: str) -> str:
         """Name the error topic when none was given: ``<source>-errors``."""
@@ -213,9 +238,13 @@ class Adapter(abc.ABC):
         """Make ``message`` deliverable again after ``delay_s`` seconds with ``attempt + 1``.
 
         The delay must live in the broker (visibility change, TTL queue, delayed publish), not in
-        worker memory, so it survives a crash. When this returns, the engine must not ack: the
-        original is either the very message made invisible, or the adapter has acked it after a
-        confirmed republish. Delays over ``features.max_delay_s`` are the adapter's to chain or cap.
+        worker memory, so it survives a crash. Delays over ``features.max_delay_s`` are the
+        adapter's to chain or cap. A delay of 0 is also how the engine has a redelivery counted
+        where the broker cannot count it (``Message.deliveries_counted`` False).
+
+        Settles the original, as :meth:`publish_error` does: when this returns, the original is
+        either the very message made invisible for the delay, or a copy is confirmed and the
+        adapter has acked the original. The engine never acks it afterwards.
 
         Raises:
             BackendError: nothing was changed; the engine leaves the message to redelivery.
@@ -223,13 +252,16 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     async def publish_error(self, message: Message, failure: Failure) -> None:
-        """Publish ``message.body`` untouched to the error topic with ``failure`` as metadata.
+        """Move ``message`` to the error topic: body untouched, ``failure`` as metadata.
 
-        Must return only once the broker has the copy (confirm, 200, commit). The engine acks
-        the original afterwards.
+        Settles the original, as :meth:`retry_later` does: return only once the broker has the
+        copy (confirm, 200, commit) and the original is gone from the source (moved in one
+        transaction, or acked after the confirmed copy). The engine never acks it afterwards.
+        Called by the engine only: an adapter never routes a message itself.
 
         Raises:
-            BackendError: nothing was published; the engine does not ack.
+            BackendError: nothing was published and the original is untouched; the engine
+                leaves it to redelivery.
         """
 
     async def extend(self, message: Message, seconds: float) -> None:  # noqa: B027
@@ -306,6 +338,33 @@ class PushAdapter(Adapter):
     @abc.abstractmethod
     async def set_max_in_flight(self, n: int) -> None:
         """Change the broker-side in-flight limit live (``scale(n)``)."""
+
+
+@runtime_checkable
+class BatchPublisher(Protocol):
+    """An adapter that publishes many bodies in one broker call (``stalk send`` with several)."""
+
+    async def publish_batch(
+        self,
+        bodies: Sequence[bytes],
+        attributes: Mapping[str, str] | None = None,
+        delay_s: float = 0.0,
+    ) -> list[str]:
+        """Publish ``bodies`` together (all or nothing where the broker allows); return ids."""
+        ...
+
+
+@runtime_checkable
+class TopicAdmin(Protocol):
+    """An adapter whose sources can subscribe to topics (fan-out), with counts per subscription."""
+
+    async def topic_stats(self, topic: str | None = None) -> Mapping[str, Backlog]:
+        """Return a :class:`Backlog` per subscription of ``topic``."""
+        ...
+
+    async def subscribe(self, topic: str, queue: str | None = None) -> None:
+        """Subscribe ``queue`` (default: the source) to ``topic``."""
+        ...
 
 
 def attributes_of(raw: Mapping[str, Any] | None) -> dict[str, str]:

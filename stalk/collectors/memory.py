@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from stalk.collectors.base import (
     AdapterFeatures,
+    AdapterSettings,
     Backlog,
     Deliver,
     PollingAdapter,
@@ -192,6 +193,9 @@ class _MemoryOps:
         assert self.source is not None, "adapter used before bind()/open()"
         return self.source
 
+    def _unsettled(self, message: Message) -> None:
+        """Forget ``message`` as delivered-and-unsettled (the push variant counts those)."""
+
     async def open(self) -> None:
         self.broker.queue(self._source)
 
@@ -211,6 +215,8 @@ class _MemoryOps:
     async def publish_error(self, message: Message, failure: Failure) -> None:
         topic = self.error_topic or f"{self._source}-errors"
         self.broker.put(topic, message.body, {**message.attributes, **failure.to_attributes()}, 0)
+        self.broker.delete(self._source, message)
+        self._unsettled(message)
 
     async def publish(
         self, body: bytes, attributes: Mapping[str, str] | None = None, delay_s: float = 0.0
@@ -232,6 +238,7 @@ class MemoryAdapter(_MemoryOps, PollingAdapter):
         source: str | None = None,
         *,
         error_topic: str | None = None,
+        settings: AdapterSettings | None = None,
         broker: MemoryBroker | None = None,
     ) -> None:
         super().__init__(source, error_topic=error_topic)
@@ -262,12 +269,13 @@ class MemoryPushAdapter(_MemoryOps, PushAdapter):
         source: str | None = None,
         *,
         error_topic: str | None = None,
+        settings: AdapterSettings | None = None,
         broker: MemoryBroker | None = None,
     ) -> None:
         super().__init__(source, error_topic=error_topic)
         self.broker = broker if broker is not None else MemoryBroker()
         self._max_in_flight = 1
-        self._unsettled: set[str] = set()
+        self._held: set[str] = set()
         self._running = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -279,10 +287,10 @@ class MemoryPushAdapter(_MemoryOps, PushAdapter):
     async def _pump(self, deliver: Deliver) -> None:
         while True:
             await self._running.wait()
-            room = self._max_in_flight - len(self._unsettled)
+            room = self._max_in_flight - len(self._held)
             batch = self.broker.lease(self._source, room, self.visibility_timeout_s) if room else []
             for message in batch:
-                self._unsettled.add(message.id)
+                self._held.add(message.id)
                 deliver(message)
             await asyncio.sleep(0 if batch else self.IDLE_POLL_S)
 
@@ -295,18 +303,21 @@ class MemoryPushAdapter(_MemoryOps, PushAdapter):
     async def set_max_in_flight(self, n: int) -> None:
         self._max_in_flight = n
 
+    def _unsettled(self, message: Message) -> None:
+        self._held.discard(message.id)
+
     async def ack(self, messages: Sequence[Message]) -> None:
         await super().ack(messages)
         for message in messages:
-            self._unsettled.discard(message.id)
+            self._unsettled(message)
 
     async def retry_later(self, message: Message, delay_s: float) -> None:
         await super().retry_later(message, delay_s)
-        self._unsettled.discard(message.id)
+        self._unsettled(message)
 
     async def release(self, message: Message) -> None:
         await super().release(message)
-        self._unsettled.discard(message.id)
+        self._unsettled(message)
 
     async def close(self) -> None:
         if self._task is not None:

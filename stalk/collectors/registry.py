@@ -26,8 +26,6 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
     "local": ("stalk.collectors.local:LocalAdapter", None),
     "memory": ("stalk.collectors.memory:MemoryAdapter", None),
     "sqs": ("stalk.collectors.sqs:SQSAdapter", "sqs"),
-    "pubsub": ("stalk.collectors.pubsub:PubSubAdapter", "pubsub"),
-    "nsq": ("stalk.collectors.nsq:NSQAdapter", "nsq"),
     "amqp": ("stalk.collectors.amqp:AMQPAdapter", "amqp"),
 }
 

@@ -1,6 +1,9 @@
-"""The one pure function that turns a Result into what happens to the message.
+"""The pure decisions of the engine: whether a delivery may reach the handler (:func:`admit`),
+and what its Result means (:func:`decide`).
 
-No I/O, no clock, no broker: every backend gets the same decision for the same inputs.
+No I/O, no broker, and the clock only as an argument: every backend gets the same decision for
+the same facts, and every outcome, including a message never handled, is counted and logged by
+the engine in the same place.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from stalk.backoff import full_jitter
+from stalk.message import Message
 from stalk.options import UnflaggedError
 from stalk.result import Result
 
@@ -38,10 +42,33 @@ class RouteToError:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Hand the message to the handler."""
+
+
+@dataclass(frozen=True, slots=True)
+class Recount:
+    """Have the broker count this redelivery before the handler may run (``retry_later`` with no
+    delay): where the broker cannot count deliveries, a worker that dies on a message would
+    otherwise see it again at the same attempt, forever."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Route the message to the error topic without handling it; ``why`` is the error text."""
+
+    reason: str
+    why: str
+
+
 Action = Ack | Drop | RetryLater | RouteToError
+Admission = Admit | Recount | Reject
 
 ACK = Ack()
 DROP = Drop()
+ADMIT = Admit()
+RECOUNT = Recount()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +79,50 @@ class RetryPolicy:
     retry_interval_s: float
     max_retry_delay_s: float
     unflagged_error: UnflaggedError = "error_topic"
+    #: Largest body handed to the handler; larger ones go to the error topic as ``too_large``.
+    max_message_bytes: int | None = None
+    #: Oldest message (by ``enqueued_at``) handed to the handler; older ones are ``expired``.
+    message_ttl_s: float | None = None
+
+
+def admit(message: Message, now: float, policy: RetryPolicy) -> Admission:
+    """Decide whether a fresh delivery may reach the handler.
+
+    Args:
+        message: the delivery with the facts its adapter reported (size, ``attempt``,
+            ``redelivered``, ``deliveries_counted``, ``enqueued_at``, ``expires_at``).
+        now: epoch seconds.
+        policy: the limits.
+
+    Returns:
+        Admit; Reject(reason) for ``too_large``, ``expired`` or ``poison`` (delivered more than
+        ``max_retries + 1`` times: a message whose handler kills its worker never yields a
+        Result, so only the delivery count can stop it); or Recount where the broker cannot
+        count a redelivery itself.
+    """
+    limit = policy.max_message_bytes
+    if limit is not None and len(message.body) > limit:
+        return Reject(
+            "too_large", f"body of {len(message.body)} bytes is over max_message_bytes={limit}"
+        )
+    if message.expires_at is not None and message.expires_at <= now:
+        return Reject("expired", "its time to live elapsed before it was handled")
+    ttl_s = policy.message_ttl_s
+    if ttl_s is not None and message.enqueued_at is not None and now - message.enqueued_at > ttl_s:
+        return Reject("expired", f"older than message_ttl_s={ttl_s}")
+    deliveries = message.attempt
+    if message.redelivered and not message.deliveries_counted:
+        deliveries += 1  # the broker did not count the delivery whose worker died
+        if deliveries <= policy.max_retries + 1:
+            return RECOUNT
+    if deliveries > policy.max_retries + 1:
+        return Reject(
+            "poison",
+            f"delivered {deliveries} times without a result: its handler kills or hangs the "
+            f"worker, or the worker lost its connection holding it "
+            f"(max_retries={policy.max_retries})",
+        )
+    return ADMIT
 
 
 def decide(

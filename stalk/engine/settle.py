@@ -1,52 +1,63 @@
-"""Settling: what the engine does with a handled message once the policy has decided.
+"""Settling: what the engine does with a message once the policy has decided.
 
 Acks are batched (one broker call for everything finished in the same loop turn); retries and
-error-topic routes each get their own task, and the original is acked only after the retry or the
-error copy is safely with the broker. If that fails, the message is left to the broker's
-redelivery and the failure is logged: never ack what was not retried or routed.
+error-topic routes each get their own task. ``retry_later`` and ``publish_error`` settle the
+original themselves (the seam's rule), so nothing is acked before its retry or error copy is safely
+with the broker. If that fails, the message is left to the broker's redelivery and the failure is
+logged: never ack what was not retried or routed.
+
+Every outcome, including messages the policy rejects before the handler (too large, expired,
+poison), goes through here, so counts, the outcome log and the autoscaler see all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from stalk.collectors.base import Adapter
-from stalk.engine.policy import Ack, Action, Drop, RetryLater, RetryPolicy, RouteToError, decide
+from stalk.engine.inflight import InFlight
+from stalk.engine.policy import (
+    Ack,
+    Action,
+    Drop,
+    Reject,
+    RetryLater,
+    RetryPolicy,
+    RouteToError,
+    decide,
+)
 from stalk.engine.stats import CollectorStats
 from stalk.message import ATTR_FIRST_FAILURE_AT, Failure, Message
 from stalk.result import Result
+from stalk.tasks import TaskSet
 
-logger = logging.getLogger("stalk.engine.collector")
+logger = logging.getLogger("stalk.collector")
 
-#: Starts a background task owned by the collector (so shutdown can cancel it).
-Spawn = Callable[[Coroutine[Any, Any, None], str], object]
-
-#: Observer of each handled message: ``(message, action, handler_seconds)``.
+#: Observer of each settled outcome: ``(message, action, handler_seconds)``; ``0.0`` seconds for
+#: a message rejected before its handler ran.
 Observer = Callable[[Message, Action, float], None]
 
 
 class Settler:
-    """Turn outcomes into broker calls, and keep the in-flight table the engine reads."""
+    """Turn outcomes into broker calls and release the message's slot in the in-flight table."""
 
     def __init__(
         self,
         adapter: Adapter,
         stats: CollectorStats,
         policy: RetryPolicy,
-        spawn: Spawn,
-        on_freed: Callable[[], None],
+        tasks: TaskSet,
+        inflight: InFlight,
     ) -> None:
         self.adapter = adapter
         self.stats = stats
         self.policy = policy
-        self.spawn = spawn
-        self.on_freed = on_freed
-        #: message -> monotonic time of its receipt or last lease extension; unsettled messages.
-        self.inflight: dict[Message, float] = {}
+        self.tasks = tasks
+        self.inflight = inflight
         #: Monotonic time by which every retry this collector issued is due again.
         self.retry_due_at = 0.0
         #: Left ``None`` it costs the hot path one attribute check.
@@ -54,16 +65,20 @@ class Settler:
         self._pending_acks: list[Message] = []
         self._ack_task: asyncio.Task[None] | None = None
 
-    def on_done(self, message: Message, result: Result, seconds: float) -> None:
-        """Settle a message whose handler returned ``result`` after ``seconds``; on the loop."""
-        self.stats.observe(seconds)
-        action = decide(result, message.attempt, self.policy)
+    def _observe(self, message: Message, action: Action, seconds: float) -> None:
         hook = self.on_outcome
         if hook is not None:
             try:
                 hook(message, action, seconds)
             except Exception:
                 logger.exception("on_outcome observer failed for message %s", message.id)
+
+    def on_done(self, message: Message, result: Result, seconds: float) -> None:
+        """Settle a message whose handler returned ``result`` after ``seconds``; on the loop."""
+        self.stats.observe(seconds)
+        action = decide(result, message.attempt, self.policy)
+        if self.on_outcome is not None:
+            self._observe(message, action, seconds)
         if isinstance(action, Ack):
             self.queue_ack(message)
         elif isinstance(action, Drop):
@@ -76,14 +91,37 @@ class Settler:
             self.stats.dropped += 1
             self.queue_ack(message)
         else:
-            self.spawn(self.route(message, action, result, seconds), "stalk-route")
+            self.tasks.spawn(self.route(message, action, result, seconds), "stalk-route")
 
-    def reject(self, message: Message, reason: str, why: str) -> None:
-        """Route a message to the error topic without handling it (too large, expired)."""
-        self.spawn(
-            self.route(message, RouteToError(reason), Result(ValueError(why), fatal=True)),
+    def reject(self, message: Message, verdict: Reject) -> None:
+        """Route a message to the error topic without handling it (too large, expired, poison)."""
+        action = RouteToError(verdict.reason)
+        self._observe(message, action, 0.0)
+        self.tasks.spawn(
+            self.route(message, action, Result(ValueError(verdict.why), fatal=True)),
             "stalk-route",
         )
+
+    def recount(self, message: Message) -> None:
+        """Have the broker count a redelivery it could not count, before the handler runs."""
+        self.tasks.spawn(self._recount(message), "stalk-recount")
+
+    async def _recount(self, message: Message) -> None:
+        try:
+            await self.adapter.retry_later(message, 0.0)
+            logger.info(
+                "message %s was redelivered uncounted (its worker died holding it); counted as "
+                "attempt %d in the broker before it runs again",
+                message.id,
+                message.attempt + 1,
+                extra={"message_id": message.id, "attempt": message.attempt},
+            )
+        except Exception as exc:  # leave it to the broker, but not in a tight loop
+            logger.error("could not count redelivered message %s (%s)", message.id, exc)
+            await asyncio.sleep(self.policy.retry_interval_s)
+            await self.release(message)
+            return
+        self.finish(message)
 
     def queue_ack(self, message: Message) -> None:
         """Ack ``message`` with whatever else finishes in this loop turn."""
@@ -117,7 +155,7 @@ class Settler:
         result: Result,
         seconds: float | None = None,
     ) -> None:
-        """Retry later or publish to the error topic; ack only after that succeeded."""
+        """Retry later or publish to the error topic; the adapter settles the original."""
         is_retry = isinstance(action, RetryLater)
         context = {
             "message_id": message.id,
@@ -140,18 +178,18 @@ class Settler:
                     result.error,
                     extra=context,
                 )
-                self.finish(message)
-                return
-            failure = Failure.build(message, action.reason, result.error)
-            await self.adapter.publish_error(message, failure)
-            self.stats.errored[action.reason] += 1
-            logger.warning(
-                "message %s to error topic (%s): %s",
-                message.id,
-                action.reason,
-                failure.error,
-                extra=context,
-            )
+            else:
+                failure = self._failure(message, action.reason, result)
+                await self.adapter.publish_error(message, failure)
+                self.stats.errored[action.reason] += 1
+                self.stats.acked += 1  # the original is gone from the source, as after an ack
+                logger.warning(
+                    "message %s to error topic (%s): %s",
+                    message.id,
+                    action.reason,
+                    failure.error,
+                    extra=context,
+                )
         except Exception as exc:  # never ack what was not retried or routed
             self.stats.failed_settles += 1
             logger.error(
@@ -163,14 +201,19 @@ class Settler:
             )
             if not self.adapter.features.visibility_timeout:
                 await self.release(message)
-            self.finish(message)
-            return
-        self.queue_ack(message)
+        self.finish(message)
+
+    @staticmethod
+    def _failure(message: Message, reason: str, result: Result) -> Failure:
+        failure = Failure.build(message, reason, result.error)
+        if reason == "poison" and message.deliveries_counted:
+            # this delivery never ran: the attempts made are the deliveries before it
+            failure = dataclasses.replace(failure, attempts=max(0, message.attempt - 1))
+        return failure
 
     def finish(self, message: Message) -> None:
         """Stop tracking a settled message and free its slot."""
-        if self.inflight.pop(message, None) is not None:
-            self.on_freed()
+        self.inflight.settled(message)
 
     async def release(self, message: Message) -> None:
         """Give ``message`` back unprocessed; a failure only delays it until its lease lapses."""

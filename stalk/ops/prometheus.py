@@ -23,7 +23,7 @@ from stalk.ops.status import Snapshot
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Error reasons exported at 0 before they happen, so ``rate()`` sees them from the start.
-KNOWN_REASONS = ("fatal", "retries_exhausted", "error", "too_large", "expired")
+KNOWN_REASONS = ("fatal", "retries_exhausted", "error", "too_large", "expired", "poison")
 
 #: (name without ``_total``, help, CollectorStats attribute) of the plain counters.
 COUNTERS: tuple[tuple[str, str, str], ...] = (

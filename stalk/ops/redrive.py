@@ -126,8 +126,6 @@ async def redrive_by_name(
     """
     from_adapter = adapter_cls.from_options(from_source, None, options)
     to_adapter = adapter_cls.from_options(to_source, None, options)
-    from_adapter.bind(from_source, None)
-    to_adapter.bind(to_source, None)
     await from_adapter.open()
     try:
         await to_adapter.open()

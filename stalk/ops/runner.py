@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from stalk.engine.collector import BaseCollector
@@ -25,6 +25,7 @@ from stalk.ops.http import CollectorControl, ControlServer
 from stalk.ops.logs import outcome_logger
 from stalk.ops.progress import Progress, wanted
 from stalk.ops.status import Snapshot
+from stalk.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Operations:
             low, high = config.autoscale
             self.autoscaler = Autoscaler(collector, AutoscaleSettings(low, high))
             collector.scale(self.autoscaler.settings.clamp(collector.concurrency))
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks = TaskSet(logger, "operations")
         #: The control server once listening (None when off or its port was taken).
         self.server: ControlServer | None = None
 
@@ -157,8 +158,8 @@ class Operations:
             await asyncio.sleep(0.02)
         self._report(f"port {server.port if server is not None else 0}")
 
-    def _spawn(self, coro: Any) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self._tasks.spawn(coro)
 
     async def run(self, *, until_empty: bool = False) -> int:
         """Start the collector and its companions; return once it stopped, with the exit code."""
@@ -188,9 +189,7 @@ class Operations:
         try:
             await collector.serve(until_empty=until_empty, install_signals=True)
         finally:
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._tasks.drain()
             if server is not None:
                 await server.close()
             self._report(f"final {json.dumps(collector.stats.to_state())}")

@@ -149,7 +149,6 @@ async def publish_all(
 ) -> list[str]:
     """Publish ``bodies`` through a fresh adapter and close it."""
     adapter = harness.make_adapter(source, error_topic)
-    adapter.bind(None, None)
     await adapter.open()
     try:
         return [await adapter.publish(b, attributes, delay_s) for b in bodies]

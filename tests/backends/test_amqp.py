@@ -52,7 +52,7 @@ def handler(body, message):
         os._exit(3)
     return retry("later", delay=4.0)
 
-settings = AMQPSettings(url=url, queue_type=queue_type, max_retries=int(max_retries))
+settings = AMQPSettings(url=url, queue_type=queue_type)
 adapter = AMQPAdapter(source, settings=settings)
 BaseCollector(adapter, handler, CollectorOptions(max_retries=int(max_retries))).run()
 """
@@ -120,7 +120,6 @@ def test_retry_delay_survives_worker_kill(amqp_harness: AMQPHarness, tmp_path: P
         bucket = delay_queue_name(source, bucket_ms(4.0))
         harness.queues.append(bucket)
         publisher = harness.make_adapter(source, errors)
-        publisher.bind(None, None)
         await publisher.open()
         await publisher.publish(b"job", {"trace": "t1"})
         await publisher.close()
@@ -192,7 +191,6 @@ def test_publish_returns_after_confirm(amqp_harness: AMQPHarness) -> None:
         bucket = delay_queue_name(source, bucket_ms(60.0))
         harness.queues.append(bucket)
         adapter = harness.make_adapter(source, errors)
-        adapter.bind(None, None)
         await adapter.open()
         try:
             ids = [await adapter.publish(f"m{i}".encode()) for i in range(20)]
@@ -222,7 +220,6 @@ def test_message_killing_the_worker_goes_to_error_topic(
     async def scenario() -> None:
         source, errors = harness.new_names()
         publisher = harness.make_adapter(source, errors)
-        publisher.bind(None, None)
         await publisher.open()
         await publisher.publish(b"\x00killer\xff", {"k": "v"})
         await publisher.close()
@@ -276,7 +273,6 @@ def test_broker_restart_mid_stream_loses_nothing(
     async def scenario() -> None:
         source, errors = harness.new_names()
         publisher = harness.make_adapter(source, errors)
-        publisher.bind(None, None)
         await publisher.open()
         for body in sorted(bodies):
             await publisher.publish(body)
@@ -312,7 +308,6 @@ def test_quorum_delivery_count_is_the_attempt(amqp_url: str) -> None:
     async def scenario() -> None:
         source, errors = harness.new_names()
         publisher = harness.make_adapter(source, errors)
-        publisher.bind(None, None)
         await publisher.open()
         sent_id = await publisher.publish(b"q")
         await publisher.close()
@@ -390,7 +385,6 @@ def test_unreachable_broker_is_one_clear_line_without_password() -> None:
     adapter = AMQPAdapter.from_options(
         "q", None, {"url": "amqp://alice:s3cret@127.0.0.1:1/", "connect_timeout_s": "2"}
     )
-    adapter.bind(None, None)
     with pytest.raises(BackendUnavailable) as caught:
         asyncio.run(adapter.open())
     text = str(caught.value)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from stalk.collectors.amqp import AMQPAdapter
+from stalk.collectors.amqp import AMQPAdapter, AMQPSettings
 from stalk.collectors.amqp.topology import (
     LADDER,
     MAX_DELAY_MS,
-    AMQPSettings,
     bucket_ms,
     delay_expires_ms,
     delay_queue_arguments,
@@ -90,8 +89,9 @@ def test_options_parse_and_reject_unknown_keys(monkeypatch: pytest.MonkeyPatch) 
         AMQPAdapter.from_options("q", None, {"declare": "maybe"})
 
 
-def test_engine_max_retries_becomes_the_poison_limit() -> None:
+def test_adapter_needs_no_bind_for_defaults_and_never_sees_the_retry_limit() -> None:
     adapter = AMQPAdapter("q")
-    adapter.bind(None, None, 30.0, max_retries=9)
-    assert adapter.max_retries == 9
     assert adapter.error_topic == "q-errors"
+    assert not hasattr(adapter, "max_retries"), "policy (the retry limit) lives in the engine"
+    with pytest.raises(ConfigError, match="no option 'max_retries'"):
+        AMQPAdapter.from_options("q", None, {"max_retries": "3"})

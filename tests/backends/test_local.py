@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import stat
 import subprocess
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from stalk.collectors.local import LocalAdapter, LocalSettings
 from stalk.errors import ConfigError, MessageTooLarge, QueueFull, QueueNotFound
 from stalk.message import ATTR_REASON, ATTR_SOURCE, Failure
 from stalk.ops.redrive import ATTR_REDRIVEN_AT, redrive, redrive_by_name
+from stalk.testing.harness import FAST_OPTIONS
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -199,17 +201,31 @@ def test_queue_full_raises(db: Path) -> None:
 
 
 def test_expired_message_goes_to_error_topic_with_reason_expired(db: Path) -> None:
+    """The adapter reports ``expires_at``; the engine's policy routes (and counts) the expiry."""
+
     async def scenario() -> None:
         a = await opened(db, message_ttl_s=0.1)
         await a.publish(b"stale")
         await asyncio.sleep(0.15)
         await a.publish(b"fresh")
         got = await a.get_messages(10, 0)
-        assert [m.body for m in got] == [b"fresh"]
+        assert [m.body for m in got] == [b"stale", b"fresh"]
+        assert got[0].expires_at is not None and got[0].expires_at <= time.time()
+        assert got[1].expires_at is not None and got[1].expires_at > time.time()
+        for message in got:
+            await a.release(message)
+        await a.close()
+        handled: list[bytes] = []
+        consumer = LocalAdapter("q", settings=LocalSettings(path=str(db)))
+        collector = BaseCollector(
+            consumer, lambda body: handled.append(body), CollectorOptions(**FAST_OPTIONS)
+        )
+        await collector.serve(until_empty=True)
+        assert handled == [b"fresh"]
+        assert collector.stats.errored["expired"] == 1
         errors = await opened(db, "q-errors")
         [dead] = await errors.get_messages(10, 0)
         assert dead.body == b"stale" and dead.attributes[ATTR_REASON] == "expired"
-        await a.close()
         await errors.close()
 
     run(scenario())

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from stalk import BaseCollector, CollectorOptions, Message, retry
+from stalk import BaseCollector, CollectorOptions, Message, fatal, retry
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
 from stalk.errors import BackendUnavailable
 from stalk.message import Failure
@@ -94,10 +94,10 @@ def test_engine_failed_error_publish_does_not_ack() -> None:
     async def scenario() -> None:
         broker = MemoryBroker()
         broker.put("q", b"poison", {}, 0)
-        rec = Recorder(lambda b, m: retry("no", delay=0))
-        c = BaseCollector(
-            FlakyAdapter(broker, error=1), rec, options(max_retries=0, visibility_timeout_s=0.5)
-        )
+        # fatal, not retries exhausted: with max_retries=0 the redelivery would be past the limit
+        # and go to the error topic as poison without running the handler again (policy.admit)
+        rec = Recorder(lambda b, m: fatal("no"))
+        c = BaseCollector(FlakyAdapter(broker, error=1), rec, options(visibility_timeout_s=0.5))
         await c.start()
         c.wake()
         # first routing fails: the message must come back after its lease, not vanish

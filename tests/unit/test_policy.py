@@ -4,7 +4,19 @@ import pytest
 
 from stalk import Result, fatal, ok, retry
 from stalk.backoff import PollBackoff, exponential_ceiling, full_jitter
-from stalk.engine.policy import ACK, DROP, RetryLater, RetryPolicy, RouteToError, decide
+from stalk.engine.policy import (
+    ACK,
+    ADMIT,
+    DROP,
+    RECOUNT,
+    Reject,
+    RetryLater,
+    RetryPolicy,
+    RouteToError,
+    admit,
+    decide,
+)
+from stalk.message import Message
 
 POLICY = RetryPolicy(max_retries=3, retry_interval_s=1.0, max_retry_delay_s=10.0)
 
@@ -86,3 +98,36 @@ def test_poll_backoff_doubles_caps_and_resets_to_period() -> None:
     assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
     b.reset()
     assert b.current_s == 0.1
+
+
+# ---------------------------------------------------------------- before the handler: admit
+def _msg(body: bytes = b"x", attempt: int = 1, **facts: object) -> Message:
+    return Message("1", body, attempt=attempt, **facts)  # type: ignore[arg-type]
+
+
+LIMITS = RetryPolicy(2, 1.0, 10.0, max_message_bytes=10, message_ttl_s=60.0)
+
+
+def test_admit_lets_a_fresh_delivery_in() -> None:
+    assert admit(_msg(), 1000.0, LIMITS) == ADMIT
+    assert admit(_msg(attempt=3), 1000.0, LIMITS) == ADMIT  # max_retries + 1 deliveries in all
+
+
+def test_admit_rejects_too_large_expired_and_poison() -> None:
+    assert admit(_msg(b"x" * 11), 1000.0, LIMITS).reason == "too_large"  # type: ignore[union-attr]
+    expired = admit(_msg(expires_at=999.0), 1000.0, LIMITS)
+    assert isinstance(expired, Reject) and expired.reason == "expired"
+    old = admit(_msg(enqueued_at=900.0), 1000.0, LIMITS)
+    assert isinstance(old, Reject) and old.reason == "expired"
+    poison = admit(_msg(attempt=4), 1000.0, LIMITS)
+    assert isinstance(poison, Reject) and poison.reason == "poison"
+
+
+def test_admit_counts_an_uncounted_redelivery_first_then_stops_it() -> None:
+    uncounted = {"redelivered": True, "deliveries_counted": False}
+    assert admit(_msg(attempt=1, **uncounted), 1000.0, LIMITS) == RECOUNT
+    assert admit(_msg(attempt=2, **uncounted), 1000.0, LIMITS) == RECOUNT
+    last = admit(_msg(attempt=3, **uncounted), 1000.0, LIMITS)
+    assert isinstance(last, Reject) and last.reason == "poison"
+    # a counted redelivery (SQS, quorum queues) is judged on its count alone
+    assert admit(_msg(attempt=2, redelivered=True), 1000.0, LIMITS) == ADMIT

@@ -21,14 +21,14 @@ Delayed retry, no plugin
 
 Attempts and poison messages
     ``attempt`` = header ``stalk-attempt`` (1 when absent) + ``x-delivery-count`` (quorum queues
-    count failed deliveries). A message that kills the worker never yields a Result, so the engine
-    cannot count it; RabbitMQ just redelivers it with ``redelivered`` set. When a redelivery carries
-    no broker count, stalk does not run the handler: it publishes a copy with ``stalk-attempt`` + 1
-    (confirmed), then acks the original, so the count is in the broker before the handler runs
-    again. Once the next attempt would pass ``max_retries + 1`` (on quorum: once the counted
-    attempt does) the message goes to the error topic, reason ``poison``. Cost: RabbitMQ cannot
-    tell a crash from a release on shutdown, so a release also spends an attempt, and the copy
-    goes to the back of the queue.
+    count failed deliveries). A message that kills the worker never yields a Result; RabbitMQ just
+    redelivers it with ``redelivered`` set. The adapter reports those facts on the Message
+    (``redelivered``; ``deliveries_counted`` False on a classic queue, which keeps no count) and the
+    engine's policy decides: an uncounted redelivery is first counted in the broker (the engine
+    calls ``retry_later(message, 0)``: a confirmed copy with ``stalk-attempt`` + 1, then the ack),
+    and a message delivered more than ``max_retries + 1`` times goes to the error topic as
+    ``poison``. Cost on classic queues: RabbitMQ cannot tell a crash from a release on shutdown, so
+    a release also spends an attempt, and the counted copy goes to the back of the queue.
 
 Error topic
     A durable queue (``--error-topic``, default ``<source>-errors``) of the source's type: body
@@ -49,11 +49,9 @@ Limits
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
@@ -68,7 +66,6 @@ from stalk.collectors.base import (
     Deliver,
     PushAdapter,
     attributes_of,
-    build_settings,
 )
 from stalk.errors import BackendError, MessageTooLarge
 from stalk.message import ATTR_ATTEMPT, Failure, Message
@@ -79,8 +76,6 @@ logger = logging.getLogger(__name__)
 
 #: RabbitMQ's default ``max_message_size`` (128 MiB); a bigger publish closes the channel.
 MAX_BODY_BYTES = 128 * 1024 * 1024
-#: Failure reason of a message redelivered past ``max_retries`` without ever yielding a Result.
-REASON_POISON = "poison"
 
 
 AMQP_FEATURES = AdapterFeatures(
@@ -110,24 +105,12 @@ class AMQPAdapter(PushAdapter):
     ) -> None:
         super().__init__(source, error_topic=error_topic)
         self.settings = settings or AMQPSettings()
-        #: Poison limit (see the module docstring).
-        self.max_retries: int = self.settings.max_retries  # the engine may raise it in bind()
         self._conn: AbstractRobustConnection | None = None
         self._publisher: broker.Publisher | None = None
         self._consumer: Consumer | None = None
         self._deliver: Deliver | None = None
         #: delay bucket (ms) -> monotonic time it was last declared; outlives a reconnect.
         self._buckets: dict[int, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @classmethod
-    def from_options(
-        cls, source: str | None, error_topic: str | None, options: Mapping[str, str]
-    ) -> AMQPAdapter:
-        """Build the adapter from ``--option`` pairs and ``STALK_AMQP_*`` variables."""
-        settings = build_settings(cls.settings_model, cls.name, options)
-        assert isinstance(settings, AMQPSettings)
-        return cls(source, error_topic=error_topic, settings=settings)
 
     def describe(self) -> str:
         """Return ``amqp:<queue> (amqp://host:port vhost /)``, without credentials."""
@@ -174,18 +157,11 @@ class AMQPAdapter(PushAdapter):
         if self._consumer is not None:
             self._consumer.close()
         self._publisher, self._consumer = None, None
-        for task in list(self._tasks):
-            task.cancel()
         if conn is not None:
             try:
                 await conn.close()
             except broker.FAILED as exc:
                 logger.debug("closing %s: %s", self.describe(), exc)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _on_reopen(self, *_: object) -> None:
         logger.info("channel to %s reopened; topology and consumer restored", self.describe())
@@ -220,49 +196,25 @@ class AMQPAdapter(PushAdapter):
 
     # ------------------------------------------------------------------ deliveries
     def _on_delivery(self, raw: DeliveredMessage) -> None:
-        headers = raw.header.properties.headers or {}
-        counted = topo.header_int(headers.get(topo.X_DELIVERY_COUNT), 0)
-        attempt = topo.header_int(headers.get(ATTR_ATTEMPT), 1) + counted
-        if raw.redelivered and (not counted or attempt > self.max_retries + 1):
-            self._spawn(self._on_redelivery(raw, attempt, counted > 0))
-        elif self._deliver is not None:
-            self._deliver(self._message(raw, attempt))
+        if self._deliver is not None:
+            self._deliver(self._message(raw))
 
-    async def _on_redelivery(self, raw: DeliveredMessage, attempt: int, counted: bool) -> None:
-        """Count a redelivery in the broker before handling it again (module docstring)."""
-        message = self._message(raw, attempt - 1 if counted else attempt)
-        try:
-            publisher = self._ready()
-            if counted or attempt + 1 > self.max_retries + 1:
-                text = (
-                    f"delivered {message.attempt} times without being settled: the worker died "
-                    f"or lost its connection holding it (max_retries={self.max_retries})"
-                )
-                await self.publish_error(message, Failure.build(message, REASON_POISON, text))
-                logger.warning("message %s to error topic as poison", message.id)
-            else:
-                headers = topo.republish_headers(
-                    raw.header.properties.headers, {}, topo.attempt_header(attempt + 1)
-                )
-                copy = broker.copy_of(raw.body, headers, message.id, raw.header.properties)
-                await publisher.send(self._source, copy)
-            await self.ack([message])
-        except BackendError as exc:  # leave it to RabbitMQ, but not in a tight loop
-            logger.error("could not count redelivered message %s (%s)", message.id, exc)
-            await asyncio.sleep(self.settings.reconnect_interval_s)
-            await self.release(message)
-
-    def _message(self, raw: DeliveredMessage, attempt: int) -> Message:
+    def _message(self, raw: DeliveredMessage) -> Message:
         props = raw.header.properties
+        headers = props.headers or {}
+        counted = topo.header_int(headers.get(topo.X_DELIVERY_COUNT), 0)
         return Message(
             # Outside producers may omit the id; the copies stalk makes then carry this one.
             id=props.message_id or uuid.uuid4().hex,
             body=raw.body,
             attributes=attributes_of(props.headers),
-            attempt=attempt,
+            attempt=topo.header_int(headers.get(ATTR_ATTEMPT), 1) + counted,
             enqueued_at=props.timestamp.timestamp() if props.timestamp else None,
             source=self._source,
             receipt=raw,
+            redelivered=bool(raw.redelivered),
+            # quorum queues count every failed delivery; classic queues count none
+            deliveries_counted=counted > 0 or self.settings.queue_type == "quorum",
         )
 
     # ------------------------------------------------------------------ settling
@@ -301,12 +253,18 @@ class AMQPAdapter(PushAdapter):
         await self.ack([message])
 
     async def publish_error(self, message: Message, failure: Failure) -> None:
-        """Publish the body with failure headers to the error queue; return after the confirm."""
+        """Publish the body with failure headers to the error queue, await the confirm, then ack
+        the original.
+
+        Raises:
+            BackendError: the copy was not confirmed, or the original is no longer held.
+        """
         raw = self._holds(message)
         publisher = self._ready()
         props = raw.header.properties
         headers = topo.republish_headers(props.headers, message.attributes, failure.to_attributes())
         await publisher.send(self._errors, broker.copy_of(message.body, headers, message.id, props))
+        await self.ack([message])
 
     async def publish(
         self, body: bytes, attributes: Mapping[str, str] | None = None, delay_s: float = 0.0

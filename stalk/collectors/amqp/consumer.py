@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from stalk.collectors.amqp.broker import FAILED
+from stalk.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class Consumer:
         self._tag: str | None = None
         self._tag_on: AbstractChannel | None = None
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(logger, "amqp consumer")
         channel.reopen_callbacks.add(self._on_reopen)
 
     @property
@@ -141,8 +142,7 @@ class Consumer:
     def close(self) -> None:
         """Forget the consumer; the connection's close cancels it on the broker."""
         self._wanted, self._tag = False, None
-        for task in list(self._tasks):
-            task.cancel()
+        self._tasks.cancel()
 
     async def _deliver(self, raw: DeliveredMessage) -> None:
         self.book.add(raw)
@@ -164,9 +164,7 @@ class Consumer:
 
     def _on_reopen(self, *_: Any) -> None:
         """The channel came back (reconnect or channel error): consume on the new one."""
-        task = asyncio.get_running_loop().create_task(self._reconsume())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._reconsume(), "stalk-amqp-reconsume")
 
     async def _reconsume(self) -> None:
         async with self._lock:

@@ -32,9 +32,6 @@ class AMQPSettings(AdapterSettings):
     queue_type: QueueType = "classic"
     #: Prefetch when it should not follow the engine's concurrency (0 = follow it).
     prefetch: int = Field(default=0, ge=0, le=65535)
-    #: Redeliveries without a Result (worker crashes) before the error topic; the engine's own
-    #: ``max_retries`` replaces it when the engine passes it to ``bind``.
-    max_retries: int = Field(default=5, ge=0)
     #: TCP + AMQP handshake limit of one connection attempt.
     connect_timeout_s: float = Field(default=10.0, gt=0)
     #: Keep trying to connect at ``open`` this long before failing (0 = fail at once).

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from stalk.collectors.base import Backlog, PollingAdapter, build_settings
+from stalk.collectors.base import Backlog, PollingAdapter
 from stalk.collectors.local.settings import (
     DEFAULT_PATH,
     LOCAL_FEATURES,
@@ -71,19 +71,10 @@ class LocalAdapter(PollingAdapter):
         settings: LocalSettings | None = None,
     ) -> None:
         super().__init__(source, error_topic=error_topic)
-        self.settings = settings if settings is not None else LocalSettings()
+        self.settings: LocalSettings = settings if settings is not None else LocalSettings()
         self.path = Path(self.settings.path).expanduser()
         self._store: LocalStore | None = None
         self._thread: DatabaseThread | None = None
-
-    @classmethod
-    def from_options(
-        cls, source: str | None, error_topic: str | None, options: Mapping[str, str]
-    ) -> LocalAdapter:
-        """Build the adapter from CLI ``--option`` pairs (and ``STALK_LOCAL_*``)."""
-        settings = build_settings(cls.settings_model, cls.name, options)
-        assert isinstance(settings, LocalSettings)
-        return cls(source, error_topic=error_topic, settings=settings)
 
     def describe(self) -> str:
         """Return ``local:<source>@<path>``, for logs."""
@@ -105,9 +96,7 @@ class LocalAdapter(PollingAdapter):
 
     @property
     def _source(self) -> str:
-        if not self.source:
-            raise ConfigError("local backend needs a source: pass --source NAME")
-        return self.source
+        return self.source_name
 
     @property
     def _errors(self) -> str:
@@ -162,14 +151,8 @@ class LocalAdapter(PollingAdapter):
         wait for it: delayed messages come back on time, not a whole polling period late.
         Messages published by another process meanwhile wait for the next poll.
         """
-        lease = (
-            self.store.lease,
-            self._source,
-            max_messages,
-            self.visibility_timeout_s,
-            self._errors,
-        )
-        messages = await self._call(*lease)
+        store, source, lease_s = self.store, self._source, self.visibility_timeout_s
+        messages = await self._call(store.lease, source, max_messages, lease_s)
         if messages or wait_s <= 0:
             return messages
         due = await self._call(self.store.next_due, self._source)
@@ -177,7 +160,7 @@ class LocalAdapter(PollingAdapter):
         if pause >= wait_s:
             return []
         await asyncio.sleep(max(0.0, pause))
-        return await self._call(*lease)
+        return await self._call(store.lease, source, max_messages, lease_s)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         """Delete the batch in one transaction; deliveries whose lease lapsed are refused."""
@@ -215,12 +198,11 @@ class LocalAdapter(PollingAdapter):
     async def publish_error(self, message: Message, failure: Failure) -> None:
         """Move the message to the error queue with ``failure`` as attributes, atomically.
 
-        The row itself moves (same id), so there is no moment with two copies or none. The
-        engine's following ack then has nothing to delete, and says nothing.
+        The row itself moves (same id), so there is no moment with two copies or none. If this
+        delivery lost its lease meanwhile, a copy goes to the error queue and the row stays with
+        whoever holds it now.
         """
-        moved = await self._call(self.store.to_error, message, self._errors, failure)
-        if moved:
-            message.receipt = None
+        await self._call(self.store.to_error, message, self._errors, failure)
 
     # ------------------------------------------------------------------ producing
     async def publish(

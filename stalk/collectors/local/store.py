@@ -35,17 +35,17 @@ class LocalStore(SQLiteFile):
     """The queue operations on a stalk file; each method is one transaction (or one read)."""
 
     # ------------------------------------------------------------------ consuming
-    def lease(self, queue: str, limit: int, lease_s: float, error_queue: str) -> list[Message]:
-        """Lease up to ``limit`` due messages; move expired ones to ``error_queue`` instead.
+    def lease(self, queue: str, limit: int, lease_s: float) -> list[Message]:
+        """Lease up to ``limit`` due messages, in id order, each with its ``expires_at``.
 
-        The lease is one ``UPDATE … RETURNING`` statement, so one implicit transaction.
+        The lease is one ``UPDATE … RETURNING`` statement, so one implicit transaction. Expired
+        messages are leased like the rest: the engine's policy routes them (reason ``expired``),
+        so they are counted and logged as every other outcome.
         """
         now = time.time()
         rows = self.read(sql.LEASE, (now + lease_s, queue, now, limit))
-        out: list[Message] = []
-        expired: list[Message] = []
-        for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows:
-            message = Message(
+        out = [
+            Message(
                 str(id_),
                 body,
                 json.loads(attrs) if attrs else {},
@@ -53,24 +53,10 @@ class LocalStore(SQLiteFile):
                 enqueued_at,
                 queue,
                 token,
+                expires_at=expires_at,
             )
-            if expires_at is not None and expires_at <= now:
-                expired.append(message)
-            else:
-                out.append(message)
-        if expired:
-            self.write(
-                lambda conn: [
-                    self._move(
-                        conn,
-                        m,
-                        error_queue,
-                        Failure.build(m, "expired", "message_ttl_s elapsed before it was handled"),
-                        now,
-                    )
-                    for m in expired
-                ]
-            )
+            for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows
+        ]
         out.sort(key=lambda m: int(m.id))
         return out
 
@@ -109,7 +95,7 @@ class LocalStore(SQLiteFile):
     def to_error(self, message: Message, error_queue: str, failure: Failure) -> bool:
         """Move the leased row to ``error_queue``; copy it there if the lease was lost.
 
-        Returns True when the row itself moved (the engine's following ack has nothing to do).
+        Returns True when the row itself moved, False when a copy was made.
         """
         return self.write(lambda conn: self._move(conn, message, error_queue, failure, time.time()))
 

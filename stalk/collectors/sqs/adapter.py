@@ -58,7 +58,6 @@ from typing import Any
 from stalk.collectors.base import (
     Backlog,
     PollingAdapter,
-    build_settings,
 )
 from stalk.collectors.sqs import wire as wire
 from stalk.collectors.sqs.calls import MAX_BATCH, SQSCalls
@@ -99,14 +98,6 @@ class SQSAdapter(SQSSettling, PollingAdapter):
         self._extend_task: asyncio.Task[None] | None = None
         self._skips: dict[str, int] = {}
         self._count_warned = False
-
-    @classmethod
-    def from_options(
-        cls, source: str | None, error_topic: str | None, options: Mapping[str, str]
-    ) -> SQSAdapter:
-        settings = build_settings(SQSSettings, cls.name, options)
-        assert isinstance(settings, SQSSettings)
-        return cls(source, error_topic=error_topic, settings=settings)
 
     def default_error_topic(self, source: str) -> str:
         """Name the error queue ``<source>-errors``, or ``<name>-errors.fifo`` for a FIFO queue."""

@@ -178,6 +178,9 @@ class SQSSettling:
                      "MessageDeduplicationId": message.id}  # fmt: skip
         attributes = wire.copy_attributes(receipt, failure.to_attributes(), self._error_max_bytes)
         await self.sqs.send(error_url, self._name, receipt.text, attributes, **extra)
+        # The copy is safe: a failed delete only means the original comes back and is routed
+        # again (a duplicate on the error queue, which at-least-once allows), so it is not raised.
+        await self._quietly(self.ack([message]), "delete the original after its error copy")
 
     # ----------------------------------------------------------------- heartbeat
     async def extend(self, message: Message, seconds: float) -> None:

@@ -1,0 +1,90 @@
+"""The one owner of what a collector holds: received messages not yet settled, and the wait for
+a slot to free up.
+
+Intake asks it how much room there is, the settler removes what it settled, housekeeping reads
+when each lease was last extended, and shutdown waits on it until it is empty. One event wakes
+every waiter; waiters re-check their condition, so a spurious wake-up costs one loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+
+from stalk.message import Message
+
+
+class InFlight:
+    """Messages received and not yet settled, each with when its lease was last extended."""
+
+    def __init__(self) -> None:
+        #: message -> monotonic time of its receipt or last lease extension.
+        self._held: dict[Message, float] = {}
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def __contains__(self, message: object) -> bool:
+        return message in self._held
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(list(self._held))
+
+    def hold(self, messages: Iterable[Message], now: float) -> None:
+        """Start tracking ``messages``, received at monotonic ``now``."""
+        held = self._held
+        for message in messages:
+            held[message] = now
+
+    def settled(self, message: Message) -> bool:
+        """Stop tracking ``message`` and wake slot waiters; False if it was not held."""
+        if self._held.pop(message, None) is None:
+            return False
+        self._changed.set()
+        return True
+
+    def free(self, capacity: int) -> int:
+        """Return how many more messages fit under ``capacity`` (may be negative after a scale
+        down)."""
+        return capacity - len(self._held)
+
+    def due_for_extension(self, now: float, older_than_s: float) -> list[Message]:
+        """Return the messages whose lease was last extended ``older_than_s`` ago, marking them
+        extended now (the caller extends them at the broker)."""
+        held = self._held
+        due = [m for m, at in held.items() if now - at >= older_than_s]
+        for message in due:
+            held[message] = now
+        return due
+
+    def notify(self) -> None:
+        """Wake every waiter to re-check (a scale, a state change, a stop)."""
+        self._changed.set()
+
+    async def changed(self, timeout_s: float | None = None) -> None:
+        """Wait for the next change or :meth:`notify`, at most ``timeout_s``."""
+        self._changed.clear()
+        if timeout_s is None:
+            await self._changed.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                await self._changed.wait()
+
+    async def emptied(self, deadline: float, give_up: asyncio.Event | None = None) -> bool:
+        """Wait until nothing is held or monotonic ``deadline`` passes; True if emptied.
+
+        ``give_up`` set (a second stop signal) ends the wait early too.
+        """
+        while self._held and (give_up is None or not give_up.is_set()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await self.changed(remaining)
+        return not self._held
