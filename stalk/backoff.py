@@ -28,22 +28,41 @@ def full_jitter(
     return exponential_ceiling(base_s, attempt, cap_s) * rand()
 
 
-class PollBackoff:
-    """The polling period: doubles on every empty poll or broker error, resets on a message."""
+class Backoff:
+    """A wait that doubles on each use up to a cap, and starts over on :meth:`reset`.
 
-    __slots__ = ("current_s", "max_s", "min_s")
+    stalk's one doubling: the engine's polling period, AMQP's connect retry, the local backend's
+    lock retry and (through :func:`exponential_ceiling`, counting crashes) the supervisor's
+    restart delay. The n-th :meth:`next` returns ``first_s`` for n = 1, then
+    ``min(max_s, first_s * 2**(n-1))``: the first wait is never cut to ``max_s``.
 
-    def __init__(self, min_s: float, max_s: float) -> None:
-        self.min_s = min_s
+    Args:
+        first_s: the first wait, and the wait again after :meth:`reset`.
+        max_s: the longest wait that doubling reaches.
+    """
+
+    __slots__ = ("_used", "current_s", "first_s", "max_s")
+
+    def __init__(self, first_s: float, max_s: float) -> None:
+        self.first_s = first_s
         self.max_s = max_s
-        self.current_s = min_s
+        #: The wait the next call of :meth:`next` returns.
+        self.current_s = first_s
+        self._used = 0
 
     def reset(self) -> None:
-        """Go back to the configured polling period (not to zero, as the Go Stalk did)."""
-        self.current_s = self.min_s
+        """Go back to the first wait (not to zero, as the Go Stalk did)."""
+        self.current_s = self.first_s
+        self._used = 0
 
     def next(self) -> float:
         """Return the wait to use now and double the next one, capped."""
         wait = self.current_s
-        self.current_s = min(self.max_s, self.current_s * 2)
+        self._used += 1
+        self.current_s = exponential_ceiling(self.first_s, self._used + 1, self.max_s)
         return wait
+
+
+#: The engine's polling period (``polling_period_s`` doubling to ``max_polling_period_s`` on
+#: empty polls and broker errors, reset on a message): the same :class:`Backoff`.
+PollBackoff = Backoff

@@ -30,9 +30,6 @@ class MessageHandler(Protocol):
     ) -> Result | Awaitable[Result | None] | None: ...
 
 
-Handler = BodyHandler | MessageHandler
-
-
 @dataclass(frozen=True, slots=True)
 class PreparedHandler:
     """A handler with its shape worked out once, so the hot path does no introspection."""

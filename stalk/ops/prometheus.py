@@ -1,12 +1,15 @@
-"""Prometheus exposition of collectors' counters, with prometheus-client or without it.
+"""Prometheus exposition of collectors' counters, written by prometheus-client.
 
 The engine only bumps plain ints (:class:`stalk.engine.stats.CollectorStats`); nothing here runs per
-message. At scrape time :func:`families` turns snapshots into metric families once, and they are
-written either by prometheus-client (extra ``stalk[prometheus]``: a private registry per exporter,
-plus the process metrics) or, with no extra installed, by :func:`render_text` in the same text
-format. Nothing registers into a global registry, so two collectors in one process never clash
-(the Go Stalk panicked there): give each its own :class:`MetricsExporter`, or one exporter
-several snapshots, whose families are then written once with one sample set per collector.
+message. At scrape time :func:`families` turns snapshots into metric families once, and
+prometheus-client writes them (:class:`StalkMetrics` is its custom collector) from a private
+registry per exporter, with the process metrics. Nothing registers into a global registry, so two
+collectors in one process never clash (the Go Stalk panicked there): give each its own
+:class:`MetricsExporter`, or one exporter several snapshots, whose families are then written once
+with one sample set per collector.
+
+prometheus-client is imported when an exporter is made, not with this module: a ``stalk run``
+without ``--http-port`` does not pay for its import.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stalk.engine.stats import DURATION_BUCKETS_S
 from stalk.ops.status import Snapshot
 
-#: Content type of the Prometheus text format, version 0.0.4.
-TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 #: Error reasons exported at 0 before they happen, so ``rate()`` sees them from the start.
 KNOWN_REASONS = ("fatal", "retries_exhausted", "error", "too_large", "expired", "poison")
@@ -116,32 +119,6 @@ def families(snapshots: Sequence[Snapshot]) -> list[Family]:
     return [*out, errored, duration, *gauges.values()]
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def render_text(fams: Sequence[Family]) -> bytes:
-    """Write families in the Prometheus text format 0.0.4 (what prometheus-client writes)."""
-    lines: list[str] = []
-    for family in fams:
-        head = family.name + "_total" if family.kind == "counter" else family.name
-        help_text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
-        lines.append(f"# HELP {head} {help_text}")
-        lines.append(f"# TYPE {head} {family.kind}")
-        for name, labels, value in family.samples:
-            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label_text}}} {_number(value)}")
-    return ("\n".join(lines) + "\n").encode()
-
-
 class StalkMetrics:
     """A prometheus-client custom collector reading stalk snapshots when scraped.
 
@@ -178,10 +155,8 @@ class MetricsExporter:
 
     Args:
         snapshots: returns the collectors to export (usually one); called on each scrape.
-        registry: a prometheus-client registry to register into instead of a private one
-            (ignored without prometheus-client).
-        process_metrics: also export ``process_*`` (CPU, memory, fds) when prometheus-client is
-            installed.
+        registry: a prometheus-client registry to register into instead of a private one.
+        process_metrics: also export ``process_*`` (CPU, memory, fds) from the private registry.
         extra: more families to export (a supervisor's worker gauges).
     """
 
@@ -189,16 +164,13 @@ class MetricsExporter:
         self,
         snapshots: Callable[[], Sequence[Snapshot]],
         *,
-        registry: Any = None,
+        registry: CollectorRegistry | None = None,
         process_metrics: bool = True,
         extra: Callable[[], Sequence[Family]] | None = None,
     ) -> None:
+        from prometheus_client import CollectorRegistry, ProcessCollector
+
         self.source = StalkMetrics(snapshots, extra)
-        self.registry: Any = None
-        try:
-            from prometheus_client import CollectorRegistry, ProcessCollector
-        except ImportError:
-            return
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
         self.registry.register(self.source)
         if process_metrics and registry is None:
@@ -206,8 +178,6 @@ class MetricsExporter:
 
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its content type."""
-        if self.registry is None:
-            return render_text(self.source.families()), TEXT_CONTENT_TYPE
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+from stalk.backoff import exponential_ceiling
 from stalk.collectors.base import Adapter
 from stalk.engine.stats import CollectorStats
 from stalk.ops.config import (
@@ -174,7 +175,7 @@ class Supervisor:
             worker.crashes = 0
             return 0.0
         worker.crashes = 1 if uptime >= STABLE_AFTER_S else worker.crashes + 1
-        delay = min(MAX_RESTART_BACKOFF_S, RESTART_BACKOFF_S * 2.0 ** (worker.crashes - 1))
+        delay = exponential_ceiling(RESTART_BACKOFF_S, worker.crashes, MAX_RESTART_BACKOFF_S)
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         logger.warning("worker %d %s; restarting in %.1fs", worker.index, how, delay)
         return delay

@@ -13,10 +13,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stalk import BaseCollector, CollectorOptions, Message, retry
+from stalk.collectors.base import Backlog
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
+from stalk.engine.stats import DURATION_BUCKETS_S
 from stalk.errors import BackendUnavailable
 from stalk.ops.http import CollectorControl, ControlServer
-from stalk.ops.prometheus import MetricsExporter, StalkMetrics, families, render_text
+from stalk.ops.prometheus import KNOWN_REASONS, MetricsExporter, StalkMetrics
 from stalk.ops.status import Snapshot
 from stalk.testing.harness import FAST_OPTIONS, wait_for
 from tests.ops._proc import http
@@ -194,46 +196,106 @@ def test_metrics_parse_with_prometheus_client_parser() -> None:
     run(scenario)
 
 
-def test_fallback_text_format_parses_and_matches_prometheus_client() -> None:
-    collector = make(MemoryBroker(), 'odd "name"\\')
+#: Every family /metrics writes for one collector: (name, type, {sample name: label names}).
+#: The names and labels dashboards and alerts rely on; a change here is a breaking change.
+METRIC_SHAPE = [
+    ("stalk_awake", "gauge", {"stalk_awake": ("backend", "source")}),
+    ("stalk_backlog_messages", "gauge", {"stalk_backlog_messages": ("backend", "source", "state")}),
+    (
+        "stalk_backlog_oldest_age_seconds",
+        "gauge",
+        {"stalk_backlog_oldest_age_seconds": ("backend", "source")},
+    ),
+    ("stalk_broker_errors", "counter", {"stalk_broker_errors_total": ("backend", "source")}),
+    ("stalk_concurrency", "gauge", {"stalk_concurrency": ("backend", "source")}),
+    (
+        "stalk_handler_duration_seconds",
+        "histogram",
+        {
+            "stalk_handler_duration_seconds_bucket": ("backend", "le", "source"),
+            "stalk_handler_duration_seconds_count": ("backend", "source"),
+            "stalk_handler_duration_seconds_sum": ("backend", "source"),
+        },
+    ),
+    ("stalk_healthy", "gauge", {"stalk_healthy": ("backend", "source")}),
+    ("stalk_in_flight", "gauge", {"stalk_in_flight": ("backend", "source")}),
+    ("stalk_messages_acked", "counter", {"stalk_messages_acked_total": ("backend", "source")}),
+    ("stalk_messages_dropped", "counter", {"stalk_messages_dropped_total": ("backend", "source")}),
+    (
+        "stalk_messages_errored",
+        "counter",
+        {"stalk_messages_errored_total": ("backend", "reason", "source")},
+    ),
+    (
+        "stalk_messages_received",
+        "counter",
+        {"stalk_messages_received_total": ("backend", "source")},
+    ),
+    (
+        "stalk_messages_released",
+        "counter",
+        {"stalk_messages_released_total": ("backend", "source")},
+    ),
+    ("stalk_messages_retried", "counter", {"stalk_messages_retried_total": ("backend", "source")}),
+    ("stalk_settle_failures", "counter", {"stalk_settle_failures_total": ("backend", "source")}),
+]
+
+
+def busy_snapshot(source: str = "q") -> Snapshot:
+    collector = make(MemoryBroker(), source)
     collector.stats.received = 3
     collector.stats.observe(0.003)
     collector.stats.observe(7.0)
     collector.stats.errored["fatal"] += 1
-    snapshot = Snapshot.of(collector)
-    ours = samples(render_text(families([snapshot])).decode())
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StalkMetrics(lambda: [snapshot]))
-    theirs = samples(generate_latest(registry).decode())
-    assert ours == theirs
-    source = (("backend", "memory"), ("source", 'odd "name"\\'))
-    assert ours[("stalk_messages_received_total", source)] == 3
+    collector.stats.backlog = Backlog(ready=1, delayed=2, in_flight=3, errors=4, oldest_age_s=5.0)
+    return Snapshot.of(collector)
+
+
+def test_metrics_names_and_labels_stay_the_same() -> None:
+    body, content_type = MetricsExporter(lambda: [busy_snapshot()], process_metrics=False).render()
+    assert content_type.startswith("text/plain")
+    parsed = list(text_string_to_metric_families(body.decode()))
+    shape = [
+        (f.name, f.type, {s.name: tuple(sorted(s.labels)) for s in f.samples})
+        for f in sorted(parsed, key=lambda f: f.name)
+    ]
+    assert shape == METRIC_SHAPE
+    got = samples(body.decode())
+    values = {
+        name: {dict(labels).get(key) for (n, labels) in got if n == name}
+        for name, key in (
+            ("stalk_handler_duration_seconds_bucket", "le"),
+            ("stalk_messages_errored_total", "reason"),
+            ("stalk_backlog_messages", "state"),
+        )
+    }
+    assert values["stalk_handler_duration_seconds_bucket"] == {
+        *(repr(float(b)) for b in DURATION_BUCKETS_S),
+        "+Inf",
+    }
+    assert values["stalk_messages_errored_total"] == set(KNOWN_REASONS)
+    assert values["stalk_backlog_messages"] == {"ready", "delayed", "in_flight", "errors"}
+
+
+def test_metrics_escape_an_odd_source_name() -> None:
+    snapshot = busy_snapshot('odd "name"\\\n')
+    got = samples(MetricsExporter(lambda: [snapshot]).render()[0].decode())
+    source = (("backend", "memory"), ("source", 'odd "name"\\\n'))
+    assert got[("stalk_messages_received_total", source)] == 3
     le = tuple(sorted((*source, ("le", "0.005"))))
-    assert ours[("stalk_handler_duration_seconds_bucket", le)] == 1
+    assert got[("stalk_handler_duration_seconds_bucket", le)] == 1
+    assert got[("stalk_backlog_oldest_age_seconds", source)] == 5.0
 
 
-def test_exporter_without_prometheus_client_serves_core_counters(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_prometheus(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name.startswith("prometheus_client"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_prometheus)
-    collector = make(MemoryBroker(), "q")
-    exporter = MetricsExporter(lambda: [Snapshot.of(collector)])
-    body, content_type = exporter.render()
-    monkeypatch.undo()
-    assert exporter.registry is None
-    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
-    assert ("stalk_messages_received_total", (("backend", "memory"), ("source", "q"))) in samples(
-        body.decode()
-    )
+def test_exporter_registers_into_a_given_registry_without_process_metrics() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    exporter = MetricsExporter(lambda: [busy_snapshot()], registry=registry)
+    assert exporter.registry is registry
+    body, _ = exporter.render()
+    assert body == generate_latest(registry)
+    names = {name for name, _ in samples(body.decode())}
+    assert "stalk_messages_received_total" in names
+    assert not any(name.startswith("process_") for name in names)
 
 
 def test_two_collectors_in_one_process() -> None:

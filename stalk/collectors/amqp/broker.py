@@ -26,6 +26,7 @@ from aio_pika.exceptions import (
 )
 from pamqp.commands import Basic
 
+from stalk.backoff import Backoff
 from stalk.collectors.amqp import topology as topo
 from stalk.errors import BackendError, BackendUnavailable, ConfigError, QueueNotFound
 
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 #: Errors of a broker operation that did not get through (channel or connection gone, timeout).
 FAILED = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError, RuntimeError)
+#: First pause between connect tries; doubles up to ``reconnect_interval_s``.
+FIRST_CONNECT_PAUSE_S = 0.5
 
 
 def reply_text(exc: BaseException) -> str:
@@ -53,7 +56,7 @@ async def connect(settings: AMQPSettings, name: str) -> AbstractRobustConnection
     """
     where = topo.safe_url(settings.url)
     deadline = time.monotonic() + settings.connect_wait_s
-    pause_s = 0.5
+    pause = Backoff(FIRST_CONNECT_PAUSE_S, settings.reconnect_interval_s)
     while True:
         try:
             return await aio_pika.connect_robust(
@@ -71,14 +74,13 @@ async def connect(settings: AMQPSettings, name: str) -> AbstractRobustConnection
             raise ConfigError(f"amqp url is not valid: {exc}") from None
         except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
             problem = str(exc) or type(exc).__name__
-            if time.monotonic() + pause_s > deadline:
+            if time.monotonic() + pause.current_s > deadline:
                 raise BackendUnavailable(
                     f"cannot reach RabbitMQ at {where} ({problem}); check the server runs "
                     "(rabbitmqctl status) and --option url / STALK_AMQP_URL"
                 ) from None
             logger.warning("RabbitMQ at %s not reachable (%s); retrying", where, problem)
-            await asyncio.sleep(pause_s)
-            pause_s = min(pause_s * 2, settings.reconnect_interval_s)
+            await asyncio.sleep(pause.next())
 
 
 async def declare(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from stalk.backoff import Backoff
 from stalk.collectors.local import sql as sql
 from stalk.errors import BackendError, BackendUnavailable, ConfigError
 
@@ -26,6 +27,8 @@ T = TypeVar("T")
 
 #: SQLite primary result codes that mean "another connection holds the lock: wait and retry".
 _BUSY_CODES = frozenset({5, 6})  # SQLITE_BUSY, SQLITE_LOCKED
+#: First pause before trying again at a lock the busy handler did not wait for; doubles from here.
+_FIRST_LOCK_PAUSE_S = 0.001
 #: Longest pause between two tries at a lock the busy handler did not wait for.
 _MAX_LOCK_PAUSE_S = 0.05
 
@@ -129,7 +132,7 @@ class SQLiteFile:
         whole transaction: a failed try left nothing behind.
         """
         deadline = time.monotonic() + self.lock_timeout_s
-        pause = 0.001
+        pause = Backoff(_FIRST_LOCK_PAUSE_S, _MAX_LOCK_PAUSE_S)
         while True:
             try:
                 return fn()
@@ -137,8 +140,7 @@ class SQLiteFile:
                 code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
                 if code not in _BUSY_CODES or time.monotonic() >= deadline:
                     raise self.translate(exc) from None
-            time.sleep(pause)
-            pause = min(pause * 2, _MAX_LOCK_PAUSE_S)
+            time.sleep(pause.next())
 
     def write(
         self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False, retry: bool = True

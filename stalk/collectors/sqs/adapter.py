@@ -172,7 +172,7 @@ class SQSAdapter(SQSSettling, PollingAdapter):
     # ----------------------------------------------------------------- receiving
     async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
         if self._gate is not None:
-            ready, _lapsed = self._gate.take(max_messages)
+            ready = self._gate.take(max_messages)
             if ready:  # they waited behind their group's head: renew their lease first
                 for message in ready:
                     self._to_extend[message] = math.ceil(self.visibility_timeout_s)

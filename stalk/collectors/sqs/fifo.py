@@ -64,25 +64,27 @@ class GroupGate:
                 out.append(message)
         return out
 
-    def take(self, limit: int) -> tuple[list[Message], list[Message]]:
-        """Return up to ``limit`` held messages whose group is free, and the held ones whose lease
-        has lapsed (SQS has them back; the caller forgets them)."""
+    def take(self, limit: int) -> list[Message]:
+        """Return up to ``limit`` held messages whose group is free.
+
+        Held messages whose lease has lapsed are dropped: SQS has them back and will deliver
+        them again, so nobody needs them here.
+        """
         now = time.monotonic()
         stale_before = now - self.lease_s
         for group, since in list(self._busy.items()):
             if since < stale_before:
                 del self._busy[group]
         ready: list[Message] = []
-        lapsed: list[Message] = []
         for group, queue in list(self._held.items()):
             while queue and queue[0][0] < stale_before:
-                lapsed.append(queue.popleft()[1])
+                queue.popleft()
             if queue and group not in self._busy and len(ready) < limit:
                 ready.append(queue.popleft()[1])
                 self._busy[group] = now
             if not queue:
                 del self._held[group]
-        return ready, lapsed
+        return ready
 
     def touch(self, message: Message) -> list[Message]:
         """Note a heartbeat of ``message``; return the held messages of its group to extend too."""
