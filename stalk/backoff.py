@@ -61,8 +61,3 @@ class Backoff:
         self._used += 1
         self.current_s = exponential_ceiling(self.first_s, self._used + 1, self.max_s)
         return wait
-
-
-#: The engine's polling period (``polling_period_s`` doubling to ``max_polling_period_s`` on
-#: empty polls and broker errors, reset on a message): the same :class:`Backoff`.
-PollBackoff = Backoff

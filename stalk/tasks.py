@@ -50,6 +50,12 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    async def join(self) -> None:
+        """Wait until every task has ended, including ones spawned meanwhile."""
+        current = asyncio.current_task()
+        while pending := {task for task in self._tasks if task is not current}:
+            await asyncio.wait(pending)
+
     def cancel(self) -> None:
         """Cancel every task but the one calling (a task may cancel its siblings)."""
         current = asyncio.current_task()

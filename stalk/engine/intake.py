@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from stalk.backoff import PollBackoff
+from stalk.backoff import Backoff
 from stalk.collectors.base import Adapter, PollingAdapter, PushAdapter
 from stalk.engine.inflight import InFlight
 from stalk.engine.stats import CollectorStats
@@ -159,7 +159,7 @@ class PollIntake(Intake):
             self.host.options,
             self.host.inflight,
         )
-        backoff = PollBackoff(opts.polling_period_s, opts.max_polling_period_s)
+        backoff = Backoff(opts.polling_period_s, opts.max_polling_period_s)
         while True:
             await self._awake.wait()
             if host.state != "awake":

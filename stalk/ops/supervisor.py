@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from stalk.backoff import exponential_ceiling
@@ -40,6 +41,7 @@ from stalk.ops.config import (
 from stalk.ops.fleet import REQUEST_TIMEOUT_S, Fleet, Worker
 from stalk.ops.http import ControlServer
 from stalk.ops.progress import Progress, wanted
+from stalk.tasks import TaskSet
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class Supervisor:
         self.command = command
         self.fleet = Fleet(adapter, config.processes)
         self.exit_code = 0
-        self._keepers: set[asyncio.Task[None]] = set()
+        self._keepers = TaskSet(logger, "supervisor")
         self._stop_event = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,15 +95,13 @@ class Supervisor:
             server = ControlServer(self.fleet, self.config.http_host, self.config.http_port)
             if not await server.start():
                 server = None
-        helpers = [loop.create_task(self._poll())]
+        helpers = TaskSet(logger, "supervisor's helpers")
+        helpers.spawn(self._poll(), "stalk-fleet-poll")
         if wanted(sys.stderr, self.config.quiet):
-            helpers.append(loop.create_task(Progress(self.fleet.snapshot).run()))
+            helpers.spawn(Progress(self.fleet.snapshot).run(), "stalk-progress")
         self.resize(self.fleet.processes)
-        while self._keepers:
-            await asyncio.wait(set(self._keepers))
-        for task in helpers:
-            task.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
+        await self._keepers.join()
+        await helpers.drain()
         if server is not None:
             await server.close()
         for name in handlers:
@@ -135,10 +135,8 @@ class Supervisor:
                 _signal(worker, signal.SIGTERM)
         logger.info("supervising %d worker process(es)", processes)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._keepers.add(task)
-        task.add_done_callback(self._keepers.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._keepers.spawn(coro)
 
     async def _keep(self, worker: Worker) -> None:
         delay = 0.0

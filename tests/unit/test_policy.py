@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from stalk import Result, fatal, ok, retry
-from stalk.backoff import PollBackoff, exponential_ceiling, full_jitter
+from stalk.backoff import Backoff, exponential_ceiling, full_jitter
 from stalk.engine.policy import (
     ACK,
     ADMIT,
@@ -94,7 +94,7 @@ def test_backoff_ceiling_does_not_overflow() -> None:
 
 
 def test_poll_backoff_doubles_caps_and_resets_to_period() -> None:
-    b = PollBackoff(0.1, 0.5)
+    b = Backoff(0.1, 0.5)
     assert [b.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
     b.reset()
     assert b.current_s == 0.1
