@@ -1,9 +1,14 @@
-"""The local backend beside persist-queue and litequeue, same machine, same run.
+"""The local backend against its SQLite floor, and beside persist-queue and litequeue.
 
-Usage: ``python -m benchmarks.local [--messages N] [--repeat R]``
-(needs the ``bench`` extra: ``pip install persist-queue litequeue``; a missing one is skipped).
+Usage: ``python -m benchmarks.local [--messages N] [--repeat R] [--publish]``
+(``--publish`` adds the publish table and the competitors, which need the ``bench`` extra:
+``pip install persist-queue litequeue``; a missing one is skipped).
 
-Rows:
+The drain table (durability ``normal``, rounds interleaved, medians), each row as a ratio of:
+- ``raw SQLite floor``: the same schema and statements with the ``sqlite3`` module alone, one
+  lease of 100 and one delete of 100 per transaction: what any consumer of this file costs.
+
+Rows of the publish table:
 - ``local`` through stalk: publish one message per call (one commit each) and 1,000 per
   ``publish_batch`` commit; drain = :class:`stalk.BaseCollector` with a no-op handler and
   ``serve(until_empty=True)``, at each durability and concurrency.
@@ -19,14 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import sqlite3
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from stalk import BaseCollector, CollectorOptions
-from stalk.collectors.local import LocalAdapter, LocalSettings
+import stalk
+from stalk import BaseCollector, CollectorOptions, Message
+from stalk.collectors.local import LocalAdapter, LocalSettings, sql
 
 BODY = b"x" * 100
 #: Bodies per ``publish_batch`` commit.
@@ -46,7 +53,6 @@ async def _opened(path: Path, durability: str) -> LocalAdapter:
         "bench",
         settings=LocalSettings(path=str(path), durability=durability, max_queue_length=None),
     )
-    adapter.bind("bench", None)
     await adapter.open()
     return adapter
 
@@ -67,13 +73,18 @@ def local_publish(path: Path, durability: str, n: int, batch: int) -> float:
 
 
 def local_drain(
-    path: Path, durability: str, n: int, concurrency: int, handler: Callable[[bytes], object]
+    path: Path,
+    durability: str,
+    n: int,
+    concurrency: int,
+    handler: Callable[..., object],
+    prefetch: int | None = None,
 ) -> float:
-    """Return drain msg/s of stalk over ``n`` queued messages."""
+    """Return drain msg/s of stalk (default options but the polling period) over ``n``."""
     local_publish(path, durability, n, BATCH)
     options = CollectorOptions(
         concurrency=concurrency,
-        batch_size=max(10, concurrency),
+        prefetch=prefetch,
         polling_period_s=0.001,
         max_polling_period_s=0.01,
     )
@@ -84,6 +95,33 @@ def local_drain(
     elapsed = time.perf_counter() - start
     assert collector.stats.acked == n, collector.stats
     return n / elapsed
+
+
+def sqlite_floor(path: Path, n: int, batch: int = 100) -> float:
+    """Return msg/s of a bare ``sqlite3`` loop on the same schema: lease ``batch`` rows in one
+    ``UPDATE … RETURNING``, delete them in one transaction, as stalk's statements do."""
+    local_publish(path, "normal", n, BATCH)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    start = time.perf_counter()
+    while True:
+        now = time.time()
+        rows = conn.execute(sql.LEASE, (now + 30, "bench", now, batch)).fetchall()
+        if not rows:
+            break
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql.DELETE, [(row[0], row[6]) for row in rows])
+        conn.execute(sql.COUNT, ("bench", -len(rows)))
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return n / elapsed
+
+
+@stalk.batch(max_size=100, max_wait_s=0.05)
+def batch_noop(messages: list[Message]) -> None:
+    return None
 
 
 def local_raw(path: Path, n: int, batch: int = 100) -> float:
@@ -143,13 +181,64 @@ def median(repeat: int, measure: Callable[[Path], float]) -> float:
     return statistics.median(values)
 
 
+def drain_table(n: int, repeat: int) -> None:
+    """Print the drain rows as ratios of the SQLite floor, rounds interleaved."""
+    rows: list[tuple[str, Callable[[Path], float]]] = [
+        ("raw SQLite floor (lease 100 + delete 100 per txn)", lambda p: sqlite_floor(p, n)),
+        ("the local adapter alone, lease/ack 100, no engine", lambda p: local_raw(p, n)),
+    ]
+    for c in (1, 8, 64):
+        rows.append(
+            (
+                f"stalk sync no-op, concurrency {c}",
+                lambda p, c=c: local_drain(p, "normal", n, c, sync_noop),
+            )
+        )
+    for c in (1, 8):
+        rows.append(
+            (
+                f"stalk async no-op, concurrency {c}",
+                lambda p, c=c: local_drain(p, "normal", n, c, async_noop),
+            )
+        )
+    rows.append(
+        (
+            "stalk sync, concurrency 8, prefetch 0 (free slots only)",
+            lambda p: local_drain(p, "normal", n, 8, sync_noop, prefetch=0),
+        )
+    )
+    rows.append(
+        (
+            "stalk batch handler of 100, concurrency 1",
+            lambda p: local_drain(p, "normal", n, 1, batch_noop),
+        )
+    )
+    results: dict[str, list[float]] = {name: [] for name, _ in rows}
+    for _ in range(repeat):
+        for name, measure in rows:
+            with tempfile.TemporaryDirectory() as tmp:
+                results[name].append(measure(Path(tmp) / "bench.db"))
+    floor = statistics.median(results[rows[0][0]])
+    print(f"drain of {n} x 100 B, durability normal, median of {repeat} interleaved rounds\n")
+    print("| what | msg/s | x raw SQLite floor |")
+    print("|---|---|---|")
+    for name, _ in rows:
+        value = statistics.median(results[name])
+        print(f"| {name} | {value:,.0f} | {value / floor:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000, help="drained per run")
     parser.add_argument("--single", type=int, default=2_000, help="published one per commit")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--publish", action="store_true", help="also publish and competitors")
     args = parser.parse_args()
     n, single, r = args.messages, args.single, args.repeat
+    drain_table(n, r)
+    if not args.publish:
+        return
+    print()
     print(
         f"{n} messages drained, {single} published one per call, 100-byte bodies, "
         f"median of {r} runs\n"

@@ -1,5 +1,6 @@
 """stalk: write one function ``bytes -> Result``; run it as a reliable consumer on any broker."""
 
+from stalk.batching import batch
 from stalk.engine.collector import BaseCollector
 from stalk.errors import (
     BackendError,
@@ -36,6 +37,7 @@ __all__ = [
     "Result",
     "StalkError",
     "__version__",
+    "batch",
     "fatal",
     "ok",
     "retry",

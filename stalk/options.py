@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 #: What to do with ``Result(error=e)`` that sets neither flag. The Go Stalk acked and dropped it.
 UnflaggedError = Literal["error_topic", "retry", "drop"]
 
+#: Most handlers one collector runs at once: past this, threads and memory are the limit, not
+#: the broker (``scale()`` and ``/scale`` refuse more; run more processes instead).
+MAX_CONCURRENCY = 1024
+
 
 class CollectorOptions(BaseModel):
     """Everything the engine decides with; adapters have their own settings models.
@@ -33,9 +37,17 @@ class CollectorOptions(BaseModel):
     #: Cap of the retry backoff.
     max_retry_delay_s: float = Field(default=300.0, ge=0)
     #: Handlers running at once (async tasks, or threads for sync handlers).
-    concurrency: int = Field(default=1, ge=1, le=10_000)
-    #: Most messages asked of the broker in one poll (never more than free slots).
-    batch_size: int = Field(default=10, ge=1, le=10_000)
+    concurrency: int = Field(default=1, ge=1, le=MAX_CONCURRENCY)
+    #: Most messages asked of the broker in one lease; ``None`` = the backend's largest
+    #: (``features.max_batch``: local 100, sqs 10).
+    batch_size: int | None = Field(default=None, ge=1, le=10_000)
+    #: Leased messages a worker holds beyond the ones its handlers run, so a lease and an ack
+    #: are paid per batch and a sync handler's thread rarely waits. ``None`` = ``max(2 *
+    #: running slots, batch)``; ``0`` = lease only for free slots. Prefetched messages are in
+    #: flight for every purpose (heartbeats, release on sleep and shutdown, ``/status``) and are
+    #: never handed to the handler after their lease lapsed; the cost is that other workers
+    #: cannot take them meanwhile (Celery's prefetch multiplier, in messages).
+    prefetch: int | None = Field(default=None, ge=0, le=100_000)
     #: A handler running longer is abandoned and the message retried; ``None`` = no limit.
     handler_timeout_s: float | None = Field(default=300.0, gt=0)
     #: Lease the engine keeps alive with heartbeats while a message is in flight.

@@ -38,6 +38,8 @@ class AdapterFeatures:
         visibility_timeout: an unacked message comes back by itself after a lease expires.
         backlog: ``backlog()`` returns counts.
         binary_body: any bytes survive the trip; False where the broker takes text only (SQS).
+        max_batch: most messages one ``get_messages`` call (or one ack) may carry; the engine's
+            lease size unless ``batch_size`` says otherwise.
     """
 
     native_delay: bool = True
@@ -49,6 +51,7 @@ class AdapterFeatures:
     visibility_timeout: bool = True
     backlog: bool = False
     binary_body: bool = True
+    max_batch: int = 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,6 +178,7 @@ MEMORY_FEATURES = AdapterFeatures(
     native_attempts=True,
     visibility_timeout=True,
     backlog=True,
+    max_batch=100,
 )
 
 

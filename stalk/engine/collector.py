@@ -31,7 +31,7 @@ from stalk.engine.settle import Observer, Settler
 from stalk.engine.stats import CollectorStats
 from stalk.errors import ConfigError
 from stalk.message import Message
-from stalk.options import CollectorOptions
+from stalk.options import MAX_CONCURRENCY, CollectorOptions
 from stalk.tasks import TaskSet
 
 logger = logging.getLogger("stalk.collector")
@@ -104,6 +104,34 @@ class BaseCollector:
         return len(self.inflight)
 
     @property
+    def prefetched(self) -> int:
+        """Messages held in the local buffer that no handler has started yet."""
+        return self._executor.unstarted if self._executor is not None else 0
+
+    @property
+    def lease_size(self) -> int:
+        """Most messages one lease asks for: ``batch_size``, else the backend's largest."""
+        return self.options.batch_size or self.adapter.features.max_batch
+
+    @property
+    def prefetch(self) -> int:
+        """Messages held beyond the running slots: the ``prefetch`` option, else ``max(2 *
+        running slots, lease size)``."""
+        if self.options.prefetch is not None:
+            return self.options.prefetch
+        return max(2 * self._running_slots, self.lease_size)
+
+    @property
+    def capacity(self) -> int:
+        """Most messages held at once: running slots (a batch handler's batch each) + prefetch."""
+        return self._running_slots + self.prefetch
+
+    @property
+    def _running_slots(self) -> int:
+        spec = self.handler.batch
+        return self.concurrency * (spec.max_size if spec is not None else 1)
+
+    @property
     def intake_alive(self) -> bool:
         """False if intake ended while it should run (a bug; the log has it): /healthz."""
         return self._intake.alive
@@ -122,10 +150,13 @@ class BaseCollector:
         """Change how many handlers run at once, live. Any thread.
 
         Raises:
-            ConfigError: ``concurrency`` below 1.
+            ConfigError: ``concurrency`` below 1 or over ``MAX_CONCURRENCY``.
         """
-        if concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        if not 1 <= concurrency <= MAX_CONCURRENCY:
+            raise ConfigError(
+                f"concurrency must be between 1 and {MAX_CONCURRENCY}, got {concurrency} "
+                "(run more processes for more)"
+            )
         self.concurrency = concurrency
         self._call(self._apply_scale)
 
@@ -184,12 +215,20 @@ class BaseCollector:
         self._loop = asyncio.get_running_loop()
         self.set_health(True, "ok")
         executor_cls = AsyncExecutor if self.handler.is_async else ThreadExecutor
+        lease_s = opts.visibility_timeout_s
+        fence = (
+            (lambda message: self.inflight.lease_holds(message, lease_s))
+            if self.adapter.features.visibility_timeout
+            else None
+        )
         self._executor = executor_cls(
             self.handler,
             self._settler.on_done,
             self.concurrency,
             opts.handler_timeout_s,
             self._fatal_types,
+            fence,
+            self._lapsed,
         )
         self._executor.start()
         self.tasks.spawn(self._housekeeping(), "stalk-housekeeping")
@@ -238,6 +277,24 @@ class BaseCollector:
         """Give ``message`` back unprocessed."""
         await self._settler.release(message)
 
+    def _lapsed(self, message: Message) -> None:
+        """A prefetched message's lease lapsed before a handler took it: another worker may hold
+        it now, so it is neither handled nor settled here (fencing), only forgotten."""
+        logger.warning(
+            "message %s waited in the prefetch buffer past its lease; not handled here (the "
+            "broker redelivers it). Raise visibility_timeout_s or lower prefetch",
+            message.id,
+            extra={"message_id": message.id},
+        )
+        self.stats.released += 1
+        self.inflight.settled(message)
+
+    async def _release_prefetched(self) -> None:
+        """Give back the buffered messages no handler started (sleep): others may take them."""
+        if self._executor is not None:
+            for message in self._executor.take_unstarted():
+                await self._settler.release(message)
+
     def set_health(self, healthy: bool, reason: str) -> None:
         """Record what /healthz reports."""
         self.healthy, self.health_reason = healthy, reason
@@ -283,6 +340,7 @@ class BaseCollector:
         self.state = "asleep"
         self._intake.sleep()
         self.inflight.notify()
+        self.tasks.spawn(self._release_prefetched(), "stalk-release-prefetched")
         logger.info("collector asleep on %s", self.adapter.describe())
 
     def _apply_scale(self) -> None:
@@ -334,13 +392,40 @@ class BaseCollector:
             now = time.monotonic()
             if self._executor is not None:
                 self._executor.expire(now)
+                self._check_stuck(self._executor.stuck)
+            failed: list[str] = []
+            last_error: Exception | None = None
             for message in self.inflight.due_for_extension(now, half):
                 if message not in self.inflight:
                     continue
                 try:
                     await self.adapter.extend(message, opts.visibility_timeout_s)
-                except Exception as exc:
-                    logger.warning("heartbeat for %s failed (%s)", message.id, exc)
+                except Exception as exc:  # retried next tick; the fence stops a lapsed one
+                    failed.append(message.id)
+                    last_error = exc
+                else:
+                    self.inflight.extended(message, now)
+            if failed:
+                logger.warning(
+                    "heartbeat for %d message(s) failed (%s), e.g. %s; retrying",
+                    len(failed),
+                    last_error,
+                    ", ".join(failed[:3]),
+                )
+
+    def _check_stuck(self, stuck: str | None) -> None:
+        """Too many handler threads hung past the timeout: unhealthy, and no more intake (the
+        buffer is released) until they return; a supervisor or liveness probe restarts us."""
+        was_stuck = self.health_reason.startswith("stuck:")
+        if stuck is not None and not was_stuck:
+            logger.error("%s; taking no more messages", stuck)
+            self.set_health(False, f"stuck: {stuck}")
+            self._apply_sleep()
+        elif stuck is None and was_stuck:
+            logger.info("stuck handler threads returned; taking messages again")
+            self.set_health(True, "ok")
+            if self._want_awake:
+                self._apply_wake()
 
     # ----------------------------------------------------------------- shutdown
     def _draining(self) -> bool:

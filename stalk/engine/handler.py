@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from stalk.batching import BATCH_ATTRIBUTE, BatchSpec
 from stalk.errors import Fatal, HandlerImportError
 from stalk.message import Message
 from stalk.result import OK, Result
@@ -32,12 +33,34 @@ class MessageHandler(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PreparedHandler:
-    """A handler with its shape worked out once, so the hot path does no introspection."""
+    """A handler with its shape worked out once, so the hot path does no introspection.
+
+    ``batch`` is set for a batch handler (``@stalk.batch`` or a ``list[Message]`` parameter):
+    it takes the list of messages instead of one body.
+    """
 
     func: Callable[..., Any]
     name: str
     is_async: bool
     wants_message: bool
+    batch: BatchSpec | None = None
+
+
+def _batch_spec(func: Callable[..., Any], first: inspect.Parameter | None) -> BatchSpec | None:
+    """Return the handler's batch spec: from ``@stalk.batch``, or from a ``list[Message]``
+    annotation on its only parameter (with the default size and wait)."""
+    spec = getattr(func, BATCH_ATTRIBUTE, None)
+    if isinstance(spec, BatchSpec):
+        return spec
+    if first is None or first.annotation is first.empty:
+        return None
+    annotation = first.annotation
+    if isinstance(annotation, str):
+        text = annotation.replace(" ", "").replace("stalk.", "").replace("typing.", "")
+        return BatchSpec() if text in ("list[Message]", "List[Message]") else None
+    origin = getattr(annotation, "__origin__", None)
+    args = getattr(annotation, "__args__", ())
+    return BatchSpec() if origin is list and args == (Message,) else None
 
 
 def describe(func: Callable[..., Any]) -> str:
@@ -63,13 +86,20 @@ def prepare(func: Callable[..., Any]) -> PreparedHandler:
     try:
         params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):
-        return PreparedHandler(func, name, is_async, wants_message=False)
+        spec = getattr(func, BATCH_ATTRIBUTE, None)
+        batch = spec if isinstance(spec, BatchSpec) else None
+        return PreparedHandler(func, name, is_async, wants_message=False, batch=batch)
     positional = [
         p
         for p in params
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
     var_positional = any(p.kind is p.VAR_POSITIONAL for p in params)
+    spec = _batch_spec(func, positional[0] if len(positional) == 1 else None)
+    if spec is not None:
+        if len(positional) != 1:
+            raise HandlerImportError(f"batch handler {name} must take one argument: the messages")
+        return PreparedHandler(func, name, is_async, wants_message=False, batch=spec)
     if len(positional) > 2 or (not positional and not var_positional):
         raise HandlerImportError(
             f"handler {name} must take (body) or (body, message); it takes {len(positional)} "

@@ -49,19 +49,26 @@ class InFlight:
         self._changed.set()
         return True
 
+    def lease_holds(self, message: Message, lease_s: float) -> bool:
+        """True while ``message`` is held and its lease (``lease_s`` from its last extension)
+        has not lapsed. Safe from a handler thread: one dict read."""
+        at = self._held.get(message)
+        return at is not None and time.monotonic() - at < lease_s
+
     def free(self, capacity: int) -> int:
         """Return how many more messages fit under ``capacity`` (may be negative after a scale
         down)."""
         return capacity - len(self._held)
 
     def due_for_extension(self, now: float, older_than_s: float) -> list[Message]:
-        """Return the messages whose lease was last extended ``older_than_s`` ago, marking them
-        extended now (the caller extends them at the broker)."""
-        held = self._held
-        due = [m for m, at in held.items() if now - at >= older_than_s]
-        for message in due:
-            held[message] = now
-        return due
+        """Return the messages whose lease was last extended ``older_than_s`` ago."""
+        return [m for m, at in self._held.items() if now - at >= older_than_s]
+
+    def extended(self, message: Message, at: float) -> None:
+        """Record that the broker extended ``message``'s lease at monotonic ``at`` (only after it
+        did: the fence trusts this time, so a failed heartbeat must not move it)."""
+        if message in self._held:
+            self._held[message] = at
 
     def notify(self) -> None:
         """Wake every waiter to re-check (a scale, a state change, a stop)."""

@@ -44,7 +44,24 @@ class Host(Protocol):
     @property
     def concurrency(self) -> int: ...
     @property
+    def capacity(self) -> int:
+        """Most messages held at once: running slots plus the prefetch buffer."""
+        ...
+
+    @property
+    def lease_size(self) -> int:
+        """Most messages one lease asks for."""
+        ...
+
+    @property
+    def prefetch(self) -> int:
+        """Messages held beyond the running slots (0: lease only for free slots)."""
+        ...
+
+    @property
     def healthy(self) -> bool: ...
+    @property
+    def health_reason(self) -> str: ...
 
     def accept(self, messages: Sequence[Message]) -> None:
         """Take delivered messages in: admit, hand to the handler, or route."""
@@ -164,15 +181,20 @@ class PollIntake(Intake):
             await self._awake.wait()
             if host.state != "awake":
                 return
-            free = inflight.free(host.concurrency)
-            if free <= 0:
+            capacity, lease_size = host.capacity, host.lease_size
+            room = inflight.free(capacity)
+            if room <= 0:
                 await inflight.changed()
                 continue
-            if free < min(opts.batch_size, host.concurrency) // 2 and inflight:
-                free = await self._gather_slots(free)
+            want = max(1, min(lease_size, capacity) // 2)
+            if room < want and inflight:
+                if host.prefetch:  # the buffer keeps the handlers busy: wait for a full lease
+                    await inflight.changed()
+                    continue
+                room = await self._gather_slots(room, want)
             started = time.monotonic()
             try:
-                messages = await adapter.get_messages(min(free, opts.batch_size), backoff.current_s)
+                messages = await adapter.get_messages(min(room, lease_size), backoff.current_s)
             except Exception as exc:  # broker down: back off, never crash-loop, never hang silently
                 host.stats.broker_errors += 1
                 host.set_health(False, f"poll failed: {exc}")
@@ -182,15 +204,17 @@ class PollIntake(Intake):
                 )
                 await self._idle(wait)
                 continue
-            if not host.healthy:
+            if not host.healthy and host.health_reason.startswith("poll failed"):
                 logger.info("poll of %s works again", adapter.describe())
-            host.set_health(True, "ok")
+                host.set_health(True, "ok")
             if messages:
                 backoff.reset()
-                if host.state != "awake":  # shutdown began while the poll was under way
+                if host.state != "awake":  # shutdown or sleep began while the poll was under way
                     for message in messages:
                         await host.release(message)
-                    return
+                    if host.state != "asleep":
+                        return
+                    continue
                 host.accept(messages)
                 continue
             if self._until_empty and await host.drained():
@@ -198,23 +222,23 @@ class PollIntake(Intake):
                 return
             await self._idle(backoff.next() - (time.monotonic() - started))
 
-    async def _gather_slots(self, free: int) -> int:
-        """Wait a moment for more slots to free up, so one poll fetches a batch, not one message.
+    async def _gather_slots(self, free: int, want: int) -> int:
+        """Wait a moment for more slots to free up, so one poll fetches a batch, not one message
+        (``prefetch=0`` only: with a buffer there is no hurry).
 
         Fast handlers free several slots within ``GATHER_S``; slow ones cost at most that delay.
         Measured on the local backend, sync handlers at concurrency 8 otherwise lease one message
         per poll a third of the time.
         """
         host, inflight = self.host, self.host.inflight
-        want = min(host.options.batch_size, host.concurrency) // 2
         deadline = time.monotonic() + GATHER_S
         while free < want:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             await inflight.changed(remaining)
-            free = inflight.free(host.concurrency)
-        return max(free, inflight.free(host.concurrency))
+            free = inflight.free(host.capacity)
+        return max(free, inflight.free(host.capacity))
 
     async def _idle(self, seconds: float) -> None:
         """Wait ``seconds`` unless the collector stops being awake meanwhile."""
@@ -247,7 +271,7 @@ class PushIntake(Intake):
     async def _start_delivery(self) -> None:
         if not self._started:
             self._started = True
-            await self.adapter.start(self._deliver, self.host.concurrency)
+            await self.adapter.start(self._deliver, self.host.capacity)
 
     def _deliver(self, message: Message) -> None:
         host = self.host
@@ -264,7 +288,8 @@ class PushIntake(Intake):
         self.host.tasks.spawn(self.adapter.pause(), "stalk-pause")
 
     def scale(self, concurrency: int) -> None:
-        self.host.tasks.spawn(self.adapter.set_max_in_flight(concurrency), "stalk-scale")
+        """The broker's limit is the capacity: running slots plus prefetch."""
+        self.host.tasks.spawn(self.adapter.set_max_in_flight(self.host.capacity), "stalk-scale")
 
     async def stop(self, grace_s: float) -> None:
         try:

@@ -47,7 +47,14 @@ async def _publish(path: Path, bodies: list[bytes]) -> None:
 
 
 def _worker(
-    path: Path, out: Path, *, lease_s: float, concurrency: int, sleep_s: float, until_empty: bool
+    path: Path,
+    out: Path,
+    *,
+    lease_s: float,
+    concurrency: int,
+    sleep_s: float,
+    until_empty: bool,
+    prefetch: int | None = None,
 ) -> subprocess.Popen[bytes]:
     args = [
         sys.executable,
@@ -60,6 +67,7 @@ def _worker(
         str(concurrency),
         str(sleep_s),
         "1" if until_empty else "0",
+        "default" if prefetch is None else str(prefetch),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE)
@@ -102,6 +110,37 @@ def test_sigkill_mid_batch_loses_nothing(tmp_path: Path) -> None:
     assert redelivered, "nothing was in flight when the first worker died: not mid-batch"
     backlog = run(_backlog(path))
     assert (backlog.ready, backlog.delayed, backlog.in_flight) == (0, 0, 0)
+
+
+def test_sigkill_with_prefetched_unstarted_messages_loses_nothing(tmp_path: Path) -> None:
+    """A worker holding a prefetch buffer (leased, not started) is SIGKILLed: the buffered
+    messages come back when their lease lapses and another worker handles every one."""
+    path, bodies = tmp_path / "stalk.db", [f"m{i}".encode() for i in range(300)]
+    run(_publish(path, bodies))
+    first_out, second_out = tmp_path / "first.txt", tmp_path / "second.txt"
+    first = _worker(
+        path, first_out, lease_s=3.0, concurrency=1, sleep_s=0.02, until_empty=False, prefetch=100
+    )
+    deadline = time.monotonic() + PROCESS_LIMIT_S
+    while len(_records(first_out)) < 10:
+        assert first.poll() is None, "the first worker exited before it was killed"
+        assert time.monotonic() < deadline, "the first worker handled nothing"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=PROCESS_LIMIT_S)
+    held = run(_backlog(path)).in_flight
+    handled_first = len(_records(first_out))
+    assert held is not None and held > 20, f"only {held} leased at the kill: no prefetch buffer"
+    second = _worker(path, second_out, lease_s=30, concurrency=4, sleep_s=0, until_empty=True)
+    _finish(second)
+    seen = {body for body, _ in _records(first_out, second_out)}
+    lost = {b.decode() for b in bodies} - seen
+    assert not lost, f"lost {len(lost)} messages, e.g. {sorted(lost)[:10]}"
+    redelivered = {body for body, attempt in _records(second_out) if attempt > 1}
+    assert len(redelivered) >= held - 2, (
+        f"{held} were leased by the dead worker ({handled_first} handled), "
+        f"but only {len(redelivered)} came back as redeliveries"
+    )
 
 
 async def _backlog(path: Path) -> Any:
@@ -189,7 +228,7 @@ def test_torn_wal_tail_reopens_with_committed_messages_intact(tmp_path: Path, ho
 def _worker_main(argv: list[str]) -> None:
     from stalk import BaseCollector, CollectorOptions
 
-    path, out, lease_s, concurrency, sleep_s, until_empty = argv
+    path, out, lease_s, concurrency, sleep_s, until_empty, prefetch = argv
     lock = threading.Lock()
     options = CollectorOptions(
         concurrency=int(concurrency),
@@ -197,6 +236,7 @@ def _worker_main(argv: list[str]) -> None:
         polling_period_s=0.01,
         max_polling_period_s=0.1,
         batch_size=int(concurrency),
+        prefetch=None if prefetch == "default" else int(prefetch),
     )
     adapter = LocalAdapter("q", settings=LocalSettings(path=path, durability="normal"))
     # Line-buffered: each record reaches the OS at once, so it outlives a SIGKILL.

@@ -25,6 +25,7 @@ LOCAL_FEATURES = AdapterFeatures(
     native_attempts=True,
     visibility_timeout=True,
     backlog=True,
+    max_batch=100,  # a lease is one UPDATE … RETURNING, an ack one DELETE transaction
 )
 
 

@@ -17,6 +17,7 @@ SQS_FEATURES = AdapterFeatures(
     visibility_timeout=True,
     backlog=True,
     binary_body=True,  # non-text bodies travel base64 with a marker attribute
+    max_batch=10,  # ReceiveMessage and DeleteMessageBatch take at most 10
 )
 
 

@@ -1,0 +1,242 @@
+"""The engine's prefetch buffer, batch handlers, a handler's own CancelledError and the bound on
+hung handler threads, on the memory adapter (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+import stalk
+from stalk import BaseCollector, CollectorOptions, Message, fatal, retry
+from stalk.collectors.memory import MemoryAdapter, MemoryBroker
+from stalk.engine.execution import MIN_STUCK_THREADS, batch_results
+from stalk.errors import BackendUnavailable, ConfigError
+from stalk.message import ATTR_REASON
+from stalk.options import MAX_CONCURRENCY
+from stalk.result import OK, Result
+from stalk.testing.harness import FAST_OPTIONS, wait_for
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def filled(n: int, queue: str = "q") -> MemoryBroker:
+    broker = MemoryBroker()
+    for i in range(n):
+        broker.put(queue, b"m%d" % i, {}, 0)
+    return broker
+
+
+def collector(broker: MemoryBroker, handler: Any, **options: Any) -> BaseCollector:
+    return BaseCollector(
+        MemoryAdapter("q", broker=broker), handler, CollectorOptions(**{**FAST_OPTIONS, **options})
+    )
+
+
+# ---------------------------------------------------------------- prefetch
+def test_prefetch_leases_ahead_and_sleep_gives_the_buffer_back() -> None:
+    async def scenario() -> None:
+        broker = filled(50)
+        gate = threading.Event()
+        c = collector(broker, lambda body: gate.wait(10), prefetch=20)
+        await c.start()
+        c.wake()
+        await wait_for(lambda: c.in_flight == 21, 10, "1 running + 20 prefetched")
+        assert c.prefetched == 20 and c.capacity == 21
+        c.sleep()
+        await wait_for(lambda: c.in_flight == 1, 10, "the buffer released on sleep")
+        q = broker.queue("q")
+        assert len(q.ready) == 49 and len(q.leased) == 1
+        assert all(entry.deliveries == 0 for entry in q.ready), "a release counted an attempt"
+        gate.set()
+        await c.stop(2)
+
+    run(scenario())
+
+
+def test_prefetch_zero_leases_only_for_free_slots() -> None:
+    async def scenario() -> None:
+        broker = filled(50)
+        gate = threading.Event()
+        c = collector(broker, lambda body: gate.wait(10), prefetch=0, concurrency=2)
+        await c.start()
+        c.wake()
+        await wait_for(lambda: c.in_flight == 2, 10, "both slots busy")
+        await asyncio.sleep(0.1)
+        assert c.in_flight == 2 and len(broker.queue("q").leased) == 2
+        gate.set()
+        await c.stop(2)
+
+    run(scenario())
+
+
+def test_buffered_messages_are_heartbeated_while_they_wait() -> None:
+    """5 messages of 0.25 s each at concurrency 1 wait up to 1 s in the buffer, past a 0.4 s
+    lease: each is still delivered exactly once."""
+
+    async def scenario() -> None:
+        broker = filled(5)
+        seen: list[tuple[bytes, int]] = []
+
+        def slow(body: bytes, message: Message) -> None:
+            threading.Event().wait(0.25)
+            seen.append((body, message.attempt))
+
+        c = collector(broker, slow, prefetch=10, visibility_timeout_s=0.4)
+        await c.serve(until_empty=True)
+        assert sorted(seen) == sorted((b"m%d" % i, 1) for i in range(5))
+
+    run(scenario())
+
+
+def test_a_buffered_message_whose_lease_lapsed_is_never_handed_to_the_handler() -> None:
+    """Fencing: with heartbeats failing, the buffered message's lease lapses while the first
+    handler runs; the broker redelivers it (attempt 2) and the stale copy is never handled."""
+
+    class NoHeartbeat(MemoryAdapter):
+        async def extend(self, message: Message, seconds: float) -> None:
+            raise BackendUnavailable("heartbeat refused")
+
+    async def scenario() -> None:
+        broker = filled(2)
+        gate = threading.Event()
+        seen: list[tuple[bytes, int]] = []
+
+        def handler(body: bytes, message: Message) -> None:
+            seen.append((body, message.attempt))
+            if body == b"m0":
+                gate.wait(10)
+
+        options = CollectorOptions(**{**FAST_OPTIONS, "prefetch": 5, "visibility_timeout_s": 0.3})
+        c = BaseCollector(NoHeartbeat("q", broker=broker), handler, options)
+        await c.start()
+        c.wake()
+        await wait_for(lambda: c.in_flight == 2, 10, "m0 running, m1 buffered")
+        await asyncio.sleep(0.5)  # past the lease of the buffered m1
+        gate.set()
+        await wait_for(lambda: (b"m1", 2) in seen, 10, "m1 redelivered by the broker")
+        await c.stop(2)
+        assert (b"m1", 1) not in seen, "a message was handled after its lease lapsed"
+
+    run(scenario())
+
+
+def test_scale_is_capped() -> None:
+    c = collector(MemoryBroker(), lambda body: None)
+    with pytest.raises(ConfigError, match=str(MAX_CONCURRENCY)):
+        c.scale(MAX_CONCURRENCY + 1)
+    with pytest.raises(ValueError):
+        CollectorOptions(concurrency=MAX_CONCURRENCY + 1)
+
+
+# ---------------------------------------------------------------- batch handlers
+def test_batch_results_shapes() -> None:
+    batch = [Message(str(i), b"") for i in range(3)]
+    assert batch_results(None, batch, "h") == [OK, OK, OK]
+    listed = batch_results([None, retry("r"), fatal("f")], batch, "h")
+    assert [r.retry for r in listed] == [False, True, False] and listed[2].fatal
+    mapped = batch_results({"1": fatal("bad")}, batch, "h")
+    assert mapped[0] == OK and mapped[1].fatal and mapped[2] == OK
+    for wrong in ([None], "yes", 3):
+        results = batch_results(wrong, batch, "h")
+        assert all(r.fatal and isinstance(r.error, TypeError) for r in results)
+
+
+@pytest.mark.parametrize("style", ["sync", "async"])
+def test_batch_handler_gets_batches_and_each_message_its_own_outcome(style: str) -> None:
+    async def scenario() -> None:
+        broker = filled(250)
+        sizes: list[int] = []
+
+        def outcomes(messages: list[Message]) -> dict[str, Result]:
+            sizes.append(len(messages))
+            return {m.id: fatal("bad item") for m in messages if m.body == b"m7"}
+
+        if style == "sync":
+
+            @stalk.batch(max_size=100, max_wait_s=0.05)
+            def handler(messages: list[Message]) -> dict[str, Result]:
+                return outcomes(messages)
+
+        else:
+
+            @stalk.batch(max_size=100, max_wait_s=0.05)
+            async def handler(messages: list[Message]) -> dict[str, Result]:
+                return outcomes(messages)
+
+        c = collector(broker, handler)
+        assert c.handler.batch is not None
+        await c.serve(until_empty=True)
+        assert sum(sizes) == 250 and max(sizes) <= 100
+        assert max(sizes) > 1, "messages were not batched"
+        [dead] = broker.queue("q-errors").ready
+        assert dead.body == b"m7" and dead.attributes[ATTR_REASON] == "fatal"
+        assert c.stats.acked == 250 and c.stats.errored["fatal"] == 1
+
+    run(scenario())
+
+
+def test_batch_handler_by_annotation_and_a_raise_retries_the_whole_batch() -> None:
+    async def scenario() -> None:
+        broker = filled(5)
+        calls: list[list[int]] = []
+
+        def handler(messages: list[Message]) -> None:
+            calls.append([m.attempt for m in messages])
+            if len(calls) == 1:
+                raise RuntimeError("database down")
+
+        c = collector(broker, handler)
+        assert c.handler.batch is not None
+        await c.serve(until_empty=True)
+        assert calls[0] == [1] * len(calls[0])
+        retried = [a for call in calls[1:] for a in call]
+        assert retried.count(2) == len(calls[0]), "every message of the failed batch retried"
+        assert c.stats.retried == len(calls[0]) and c.stats.acked == 5
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- handler misbehaviour
+def test_an_async_handlers_own_cancelled_error_is_a_failure_not_a_hang() -> None:
+    async def scenario() -> None:
+        broker = filled(1)
+
+        async def handler(body: bytes) -> None:
+            raise asyncio.CancelledError("the handler's own")
+
+        c = collector(broker, handler, max_retries=1)
+        await c.serve(until_empty=True)
+        assert c.stats.retried == 1 and c.stats.errored["retries_exhausted"] == 1
+        assert len(broker.queue("q-errors").ready) == 1
+
+    run(scenario())
+
+
+def test_hung_sync_handlers_grow_threads_only_to_a_bound_then_report_stuck() -> None:
+    async def scenario() -> None:
+        broker = filled(60)
+        forever = threading.Event()
+        before = threading.active_count()
+        c = collector(
+            broker, lambda body: forever.wait(30), handler_timeout_s=0.05, max_retries=100
+        )
+        await c.start()
+        c.wake()
+        try:
+            await wait_for(lambda: c.health_reason.startswith("stuck:"), 20, "reported stuck")
+            assert not c.healthy and c.state == "asleep"
+            await asyncio.sleep(0.3)
+            extra = threading.active_count() - before
+            assert extra <= MIN_STUCK_THREADS + 2, f"{extra} threads for one slot"
+        finally:
+            forever.set()
+        await wait_for(lambda: c.healthy, 20, "healthy again once the threads returned")
+        await c.stop(2)
+
+    run(scenario())
