@@ -36,6 +36,7 @@ from stalk.testing.harness import (
     wait_for,
 )
 from stalk.testing.harness import run_scenario as _run
+from stalk.testing.leases import LeaseTests
 
 __all__ = ["TEST_TIMEOUT_S", "ConformanceSuite"]
 
@@ -44,8 +45,11 @@ async def _quiet(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-class ConformanceSuite:
-    """Subclass as ``Test<Backend>Conformance`` and provide a ``harness`` fixture."""
+class ConformanceSuite(LeaseTests):
+    """Subclass as ``Test<Backend>Conformance`` and provide a ``harness`` fixture.
+
+    The lease tests (:mod:`stalk.testing.leases`) are mixed in; this class holds the rest.
+    """
 
     @pytest.fixture
     def harness(self) -> AdapterHarness:
