@@ -24,6 +24,7 @@ from stalk.message import (
     ATTR_SOURCE,
 )
 from stalk.result import Result, fatal, retry
+from stalk.testing.guarantees import GuaranteeTests, retry_delay_s, retry_patience_s
 from stalk.testing.harness import (
     TEST_TIMEOUT_S,
     AdapterHarness,
@@ -45,10 +46,11 @@ async def _quiet(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-class ConformanceSuite(LeaseTests):
+class ConformanceSuite(LeaseTests, GuaranteeTests):
     """Subclass as ``Test<Backend>Conformance`` and provide a ``harness`` fixture.
 
-    The lease tests (:mod:`stalk.testing.leases`) are mixed in; this class holds the rest.
+    The lease tests (:mod:`stalk.testing.leases`) and the feature-gated ones
+    (:mod:`stalk.testing.guarantees`) are mixed in; this class holds the rest.
     """
 
     @pytest.fixture
@@ -86,9 +88,7 @@ class ConformanceSuite(LeaseTests):
 
     # ------------------------------------------------------------------ retry
     def test_retry_redelivers_after_delay_with_next_attempt(self, harness: AdapterHarness) -> None:
-        # past the lease: a retry that only lets it lapse fails
-        lease = harness.visibility_timeout_s if harness.features().visibility_timeout else 0.0
-        delay_s = max(1.0, lease + 1.0)
+        delay_s = retry_delay_s(harness)  # past the lease: a retry that only lets it lapse fails
 
         async def scenario() -> None:
             source, errors = harness.new_names()
@@ -97,9 +97,7 @@ class ConformanceSuite(LeaseTests):
             rec = Recorder(lambda b, m: retry("not yet", delay=delay_s) if m.attempt == 1 else None)
             async with Running(collector(harness, source, errors, rec)):
                 await wait_for(
-                    lambda: len(rec.done) >= 2,
-                    delay_s + harness.features().delay_precision_s + harness.patience_s,
-                    "the retry",
+                    lambda: len(rec.done) >= 2, retry_patience_s(harness, delay_s), "the retry"
                 )
             first, second = rec.deliveries[0], rec.deliveries[1]
             assert (first.attempt, second.attempt) == (1, 2)
