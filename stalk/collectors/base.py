@@ -32,10 +32,13 @@ class AdapterFeatures:
         native_delay: the broker holds a retry until it is due (nothing kept in worker memory).
         max_delay_s: longest single delay the broker takes; ``None`` = no limit.
         delay_precision_s: how late a delayed message may arrive beyond its delay.
-        ordering: messages are delivered in publish order (per queue or group).
+        ordering: one consumer at concurrency 1 gets messages in publish order (per queue or
+            group); retries and redeliveries may reorder.
         persistent: messages survive a broker restart.
         native_attempts: the broker counts deliveries (else a header/attribute does).
         visibility_timeout: an unacked message comes back by itself after a lease expires.
+        release_keeps_attempt: a released message comes back with the attempt it had (False
+            where the broker counts every delivery it hands out, as SQS and RabbitMQ do).
         backlog: ``backlog()`` returns counts.
         binary_body: any bytes survive the trip; False where the broker takes text only (SQS).
         max_batch: most messages one ``get_messages`` call (or one ack) may carry; the engine's
@@ -49,6 +52,7 @@ class AdapterFeatures:
     persistent: bool = True
     native_attempts: bool = False
     visibility_timeout: bool = True
+    release_keeps_attempt: bool = True
     backlog: bool = False
     binary_body: bool = True
     max_batch: int = 10

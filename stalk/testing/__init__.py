@@ -15,7 +15,16 @@ suite against it::
             return KafkaHarness()
 
 The ``features`` your adapter declares tell the suite what to expect (as Watermill's universal
-pub/sub tests do). Needs pytest, which the core install does not.
+pub/sub tests do): each field gates or bounds a test, and a test skips, saying why, where a
+feature is not promised. Your harness may also set:
+
+- ``visibility_timeout_s`` (2 s): the lease the suite's collectors take. Tests that assert a
+  message is gone watch past it, so an ``ack``, ``extend`` or ``release`` that does nothing
+  fails. Raise it if your broker's leases are coarser.
+- ``patience_s`` (30 s): how long to wait for what should happen.
+- ``restart()``: restart the broker for the ``persistent`` test; by default that test skips.
+
+Needs pytest, which the core install does not.
 """
 
 from stalk.testing.brokers import require_broker

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -25,30 +24,34 @@ from stalk.message import (
     ATTR_SOURCE,
 )
 from stalk.result import Result, fatal, retry
+from stalk.testing.guarantees import GuaranteeTests, retry_delay_s, retry_patience_s
 from stalk.testing.harness import (
+    TEST_TIMEOUT_S,
     AdapterHarness,
     Recorder,
     Running,
+    assert_gone,
     collector,
     publish_all,
     read_errors,
     wait_for,
 )
+from stalk.testing.harness import run_scenario as _run
+from stalk.testing.leases import LeaseTests
 
-#: Longest any one conformance test may take before it fails instead of hanging CI.
-TEST_TIMEOUT_S = 90.0
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    asyncio.run(asyncio.wait_for(coro, TEST_TIMEOUT_S))
+__all__ = ["TEST_TIMEOUT_S", "ConformanceSuite"]
 
 
 async def _quiet(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-class ConformanceSuite:
-    """Subclass as ``Test<Backend>Conformance`` and provide a ``harness`` fixture."""
+class ConformanceSuite(LeaseTests, GuaranteeTests):
+    """Subclass as ``Test<Backend>Conformance`` and provide a ``harness`` fixture.
+
+    The lease tests (:mod:`stalk.testing.leases`) and the feature-gated ones
+    (:mod:`stalk.testing.guarantees`) are mixed in; this class holds the rest.
+    """
 
     @pytest.fixture
     def harness(self) -> AdapterHarness:
@@ -64,10 +67,7 @@ class ConformanceSuite:
             async with Running(collector(harness, source, errors, first, concurrency=2)):
                 await wait_for(lambda: len(first.done) >= 3, harness.patience_s, "3 deliveries")
             assert sorted(first.bodies()) == [b"one", b"three", b"two"]
-            second = Recorder()
-            async with Running(collector(harness, source, errors, second)):
-                await _quiet(1.5)
-            assert second.bodies() == [], "acked messages were delivered again"
+            await assert_gone(harness, source, errors, "acked messages")
 
         _run(scenario())
 
@@ -88,7 +88,7 @@ class ConformanceSuite:
 
     # ------------------------------------------------------------------ retry
     def test_retry_redelivers_after_delay_with_next_attempt(self, harness: AdapterHarness) -> None:
-        delay_s = 1.0
+        delay_s = retry_delay_s(harness)  # past the lease: a retry that only lets it lapse fails
 
         async def scenario() -> None:
             source, errors = harness.new_names()
@@ -96,7 +96,9 @@ class ConformanceSuite:
             await publish_all(harness, source, errors, [b"later"])
             rec = Recorder(lambda b, m: retry("not yet", delay=delay_s) if m.attempt == 1 else None)
             async with Running(collector(harness, source, errors, rec)):
-                await wait_for(lambda: len(rec.done) >= 2, harness.patience_s, "the retry")
+                await wait_for(
+                    lambda: len(rec.done) >= 2, retry_patience_s(harness, delay_s), "the retry"
+                )
             first, second = rec.deliveries[0], rec.deliveries[1]
             assert (first.attempt, second.attempt) == (1, 2)
             assert second.body == b"later"
@@ -159,7 +161,11 @@ class ConformanceSuite:
                 if policy == "retry":
                     await wait_for(lambda: len(rec.done) >= 2, harness.patience_s, "the retry")
                 else:
-                    await _quiet(1.0)
+                    await wait_for(
+                        lambda: c.stats.acked >= 1 or c.stats.errored["error"] >= 1,
+                        harness.patience_s,
+                        "the message settled",
+                    )
             if policy == "error_topic":
                 dead = await read_errors(harness, errors, 1)
                 assert dead[0].attributes[ATTR_REASON] == "error"
@@ -169,6 +175,8 @@ class ConformanceSuite:
             else:
                 assert rec.attempts_of(b"odd") == [1]
                 assert c.stats.dropped == 1
+            if policy != "retry":
+                await assert_gone(harness, source, errors, f"a message settled by {policy}")
 
         _run(scenario())
 

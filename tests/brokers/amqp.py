@@ -50,9 +50,8 @@ def amqp_url() -> str:
     return AMQP_URL
 
 
-@pytest.fixture(scope="session")
-def rabbitmqctl(amqp_url: str) -> str:
-    """Return the rabbitmqctl path when this user may control the node (restart tests)."""
+def control_path() -> str:
+    """Return the rabbitmqctl path when this user may control the node, else skip (fail in CI)."""
     path = shutil.which("rabbitmqctl")
     if path is None:
         require_broker("amqp", "rabbitmqctl is not on PATH (scripts/start-rabbitmq.sh installs it)")
@@ -60,6 +59,18 @@ def rabbitmqctl(amqp_url: str) -> str:
     if ping.returncode != 0:
         require_broker("amqp", "rabbitmqctl cannot reach the node (run the tests as root in CI)")
     return path
+
+
+def restart_rabbitmq(ctl: str) -> None:
+    """Stop and start the RabbitMQ application, returning once it accepts work again."""
+    for step in ("stop_app", "start_app", "await_startup"):
+        subprocess.run([ctl, "-q", step], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def rabbitmqctl(amqp_url: str) -> str:
+    """Return the rabbitmqctl path when this user may control the node (restart tests)."""
+    return control_path()
 
 
 class AMQPHarness(AdapterHarness):
@@ -86,6 +97,10 @@ class AMQPHarness(AdapterHarness):
     def new_names(self) -> tuple[str, str]:
         source = f"stalk-test-{uuid.uuid4().hex[:12]}"
         return source, f"{source}-errors"
+
+    async def restart(self) -> None:
+        """Restart the RabbitMQ application (``rabbitmqctl stop_app``/``start_app``)."""
+        await asyncio.to_thread(restart_rabbitmq, control_path())
 
     def cleanup(self) -> None:
         """Delete every queue this harness's adapters used (delay buckets expire by themselves)."""

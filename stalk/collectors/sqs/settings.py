@@ -15,6 +15,7 @@ SQS_FEATURES = AdapterFeatures(
     persistent=True,
     native_attempts=True,
     visibility_timeout=True,
+    release_keeps_attempt=False,  # a release is a receive: ApproximateReceiveCount rises
     backlog=True,
     binary_body=True,  # non-text bodies travel base64 with a marker attribute
     max_batch=10,  # ReceiveMessage and DeleteMessageBatch take at most 10
