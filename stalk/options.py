@@ -46,7 +46,8 @@ class CollectorOptions(BaseModel):
     #: running slots, batch)``; ``0`` = lease only for free slots. Prefetched messages are in
     #: flight for every purpose (heartbeats, release on sleep and shutdown, ``/status``) and are
     #: never handed to the handler after their lease lapsed; the cost is that other workers
-    #: cannot take them meanwhile (Celery's prefetch multiplier, in messages).
+    #: cannot take them meanwhile (Celery's prefetch multiplier, in messages). Polling backends
+    #: only: a push broker buffers on its side (AMQP's ``prefetch`` option, NSQ's RDY).
     prefetch: int | None = Field(default=None, ge=0, le=100_000)
     #: A handler running longer is abandoned and the message retried; ``None`` = no limit.
     handler_timeout_s: float | None = Field(default=300.0, gt=0)

@@ -119,15 +119,15 @@ class BaseCollector:
         running slots, lease size)``."""
         if self.options.prefetch is not None:
             return self.options.prefetch
-        return max(2 * self._running_slots, self.lease_size)
+        return max(2 * self.running_slots, self.lease_size)
 
     @property
     def capacity(self) -> int:
         """Most messages held at once: running slots (a batch handler's batch each) + prefetch."""
-        return self._running_slots + self.prefetch
+        return self.running_slots + self.prefetch
 
     @property
-    def _running_slots(self) -> int:
+    def running_slots(self) -> int:
         spec = self.handler.batch
         return self.concurrency * (spec.max_size if spec is not None else 1)
 

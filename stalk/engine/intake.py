@@ -49,6 +49,11 @@ class Host(Protocol):
         ...
 
     @property
+    def running_slots(self) -> int:
+        """Messages the handlers can run at once (a batch handler's batch per slot)."""
+        ...
+
+    @property
     def lease_size(self) -> int:
         """Most messages one lease asks for."""
         ...
@@ -252,7 +257,13 @@ class PollIntake(Intake):
 
 class PushIntake(Intake):
     """The broker delivers; the engine sets its limit (prefetch, RDY, flow control) to the
-    concurrency and pauses it for sleep and shutdown."""
+    running slots and pauses it for sleep and shutdown.
+
+    The engine's ``prefetch`` is not added here: a push broker buffers on its side already (its
+    own prefetch option, e.g. AMQP's ``prefetch``), and a larger broker limit would let a
+    broker-counted copy (AMQP classic's recount) reach the handler before the original's ack is
+    on the wire, so a worker that dies on it would see it again at the same attempt.
+    """
 
     def __init__(self, host: Host, adapter: PushAdapter) -> None:
         super().__init__(host)
@@ -271,7 +282,7 @@ class PushIntake(Intake):
     async def _start_delivery(self) -> None:
         if not self._started:
             self._started = True
-            await self.adapter.start(self._deliver, self.host.capacity)
+            await self.adapter.start(self._deliver, self.host.running_slots)
 
     def _deliver(self, message: Message) -> None:
         host = self.host
@@ -288,8 +299,9 @@ class PushIntake(Intake):
         self.host.tasks.spawn(self.adapter.pause(), "stalk-pause")
 
     def scale(self, concurrency: int) -> None:
-        """The broker's limit is the capacity: running slots plus prefetch."""
-        self.host.tasks.spawn(self.adapter.set_max_in_flight(self.host.capacity), "stalk-scale")
+        self.host.tasks.spawn(
+            self.adapter.set_max_in_flight(self.host.running_slots), "stalk-scale"
+        )
 
     async def stop(self, grace_s: float) -> None:
         try:

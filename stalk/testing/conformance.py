@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from stalk.batching import batch
 from stalk.errors import Fatal
 from stalk.message import (
     ATTR_ATTEMPTS,
@@ -22,6 +23,7 @@ from stalk.message import (
     ATTR_ORIGINAL_ID,
     ATTR_REASON,
     ATTR_SOURCE,
+    Message,
 )
 from stalk.result import Result, fatal, retry
 from stalk.testing.guarantees import GuaranteeTests, retry_delay_s, retry_patience_s
@@ -144,6 +146,44 @@ class ConformanceSuite(LeaseTests, GuaranteeTests):
             assert dead[0].attributes[ATTR_REASON] == "fatal"
             assert dead[0].attributes[ATTR_ERROR_TYPE] == "ValueError"
             assert dead[0].attributes[ATTR_ATTEMPTS] == "1"
+
+        _run(scenario())
+
+    # ------------------------------------------------------------------ batch handlers
+    def test_batch_handler_settles_each_message_on_its_own(self, harness: AdapterHarness) -> None:
+        """A batch handler's one bad item goes to the error topic alone, one asks for a retry,
+        and the rest are acked: the batch is never retried as a whole for one item."""
+        bodies = [f"b{i}".encode() for i in range(12)]
+        attempts: dict[bytes, list[int]] = {}
+        sizes: list[int] = []
+
+        @batch(max_size=12, max_wait_s=0.3)
+        def handler(messages: list[Message]) -> dict[str, Result]:
+            sizes.append(len(messages))
+            for m in messages:
+                attempts.setdefault(m.body, []).append(m.attempt)
+            outcomes: dict[str, Result] = {}
+            for m in messages:
+                if m.body == b"b3":
+                    outcomes[m.id] = fatal(ValueError("bad item"))
+                elif m.body == b"b5" and m.attempt == 1:
+                    outcomes[m.id] = retry("later", delay=0.1)
+            return outcomes
+
+        async def scenario() -> None:
+            source, errors = harness.new_names()
+            await harness.prepare(source, errors)
+            await publish_all(harness, source, errors, bodies)
+            async with Running(collector(harness, source, errors, handler)):
+                await wait_for(
+                    lambda: len(attempts) == 12 and attempts.get(b"b5") == [1, 2],
+                    retry_patience_s(harness, 0.1),
+                    "every message handled and b5 retried once",
+                )
+                dead = await read_errors(harness, errors, 1)
+            assert dead[0].body == b"b3" and dead[0].attributes[ATTR_REASON] == "fatal"
+            assert all(attempts[b] == [1] for b in bodies if b != b"b5"), attempts
+            await assert_gone(harness, source, errors, "a settled batch")
 
         _run(scenario())
 

@@ -229,7 +229,6 @@ async def backlog_of(harness: AdapterHarness, source: str, error_topic: str) -> 
     if not harness.features().backlog:
         return None
     adapter = harness.make_adapter(source, error_topic)
-    adapter.bind(None, None)
     await adapter.open()
     try:
         return await adapter.backlog()

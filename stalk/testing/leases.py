@@ -65,7 +65,7 @@ class LeaseTests:
             await harness.prepare(source, errors)
             await publish_all(harness, source, errors, [b"orphan"])
             doomed = harness.make_adapter(source, errors)
-            doomed.bind(None, None, visibility_timeout_s=harness.visibility_timeout_s)
+            doomed.visibility_timeout_s = harness.visibility_timeout_s
             await doomed.open()
             try:
                 first = await take_without_settling(doomed, harness.patience_s)

@@ -43,7 +43,7 @@ LEASE = """
 UPDATE stalk_messages
 SET visible_at = ?, attempts = attempts + 1, leased = 1, lease_token = lease_token + 1
 WHERE id IN (SELECT id FROM stalk_messages WHERE queue = ? AND visible_at <= ?
-             ORDER BY visible_at LIMIT ?)
+             ORDER BY visible_at, id LIMIT ?)
 RETURNING id, body, attributes, attempts, enqueued_at, expires_at, lease_token
 """
 INSERT = """
