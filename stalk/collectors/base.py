@@ -35,7 +35,6 @@ class AdapterFeatures:
         ordering: one consumer at concurrency 1 gets messages in publish order (per queue or
             group); retries and redeliveries may reorder.
         persistent: messages survive a broker restart.
-        native_attempts: the broker counts deliveries (else a header/attribute does).
         visibility_timeout: an unacked message comes back by itself after a lease expires.
         release_keeps_attempt: a released message comes back with the attempt it had (False
             where the broker counts every delivery it hands out, as SQS and RabbitMQ do).
@@ -50,7 +49,6 @@ class AdapterFeatures:
     delay_precision_s: float = 1.0
     ordering: bool = False
     persistent: bool = True
-    native_attempts: bool = False
     visibility_timeout: bool = True
     release_keeps_attempt: bool = True
     backlog: bool = False

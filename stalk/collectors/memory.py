@@ -175,7 +175,6 @@ MEMORY_FEATURES = AdapterFeatures(
     delay_precision_s=0.5,
     ordering=True,
     persistent=False,
-    native_attempts=True,
     visibility_timeout=True,
     backlog=True,
     max_batch=100,

@@ -27,6 +27,7 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
     "memory": ("stalk.collectors.memory:MemoryAdapter", None),
     "sqs": ("stalk.collectors.sqs:SQSAdapter", "sqs"),
     "amqp": ("stalk.collectors.amqp:AMQPAdapter", "amqp"),
+    "nsq": ("stalk.collectors.nsq:NSQAdapter", "nsq"),
 }
 
 

@@ -84,7 +84,6 @@ AMQP_FEATURES = AdapterFeatures(
     delay_precision_s=1.0,
     ordering=True,  # one queue, one consumer: RabbitMQ keeps publish order
     persistent=True,
-    native_attempts=False,
     visibility_timeout=False,
     release_keeps_attempt=False,  # a requeue is redelivered: counted (see the docstring)
     backlog=True,

@@ -22,7 +22,6 @@ LOCAL_FEATURES = AdapterFeatures(
     delay_precision_s=0.5,
     ordering=True,
     persistent=True,
-    native_attempts=True,
     visibility_timeout=True,
     backlog=True,
     max_batch=100,  # a lease is one UPDATE … RETURNING, an ack one DELETE transaction

@@ -13,7 +13,6 @@ SQS_FEATURES = AdapterFeatures(
     delay_precision_s=2.0,  # whole seconds, plus a poll
     ordering=False,  # standard queues; FIFO queues keep order per group
     persistent=True,
-    native_attempts=True,
     visibility_timeout=True,
     release_keeps_attempt=False,  # a release is a receive: ApproximateReceiveCount rises
     backlog=True,
