@@ -346,6 +346,21 @@ class PushAdapter(Adapter):
 
 
 @runtime_checkable
+class ImmediateAck(Protocol):
+    """An adapter whose ack is a write the broker never answers (NSQ's ``FIN``).
+
+    The engine batches acks per loop turn, which costs a loop turn per message when only one is
+    in flight (a consumer at concurrency 1 waits for it: RDY 1 means nsqd sends the next message
+    only after the ``FIN``). With nothing else in flight to batch with, the engine calls this
+    instead of :meth:`Adapter.ack`, at once and on the loop.
+    """
+
+    def ack_nowait(self, messages: Sequence[Message]) -> None:
+        """Ack ``messages`` without waiting; must not block. Same rules as :meth:`Adapter.ack`."""
+        ...
+
+
+@runtime_checkable
 class BatchPublisher(Protocol):
     """An adapter that publishes many bodies in one broker call (``stalk send`` with several)."""
 

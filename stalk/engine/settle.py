@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from stalk.collectors.base import Adapter
+from stalk.collectors.base import Adapter, ImmediateAck
 from stalk.engine.inflight import InFlight
 from stalk.engine.policy import (
     Ack,
@@ -64,6 +64,8 @@ class Settler:
         self.on_outcome: Observer | None = None
         self._pending_acks: list[Message] = []
         self._ack_task: asyncio.Task[None] | None = None
+        #: Checked once: an isinstance against a runtime protocol costs microseconds.
+        self._ack_nowait = adapter.ack_nowait if isinstance(adapter, ImmediateAck) else None
 
     def _observe(self, message: Message, action: Action, seconds: float) -> None:
         hook = self.on_outcome
@@ -124,10 +126,28 @@ class Settler:
         self.finish(message)
 
     def queue_ack(self, message: Message) -> None:
-        """Ack ``message`` with whatever else finishes in this loop turn."""
+        """Ack ``message`` with whatever else finishes in this loop turn.
+
+        Alone in flight, nothing can join its batch: an adapter whose ack needs no answer acks it
+        at once, saving the loop turn a latency-bound consumer (concurrency 1) would wait for.
+        """
+        if self._ack_nowait is not None and self._ack_task is None and len(self.inflight) <= 1:
+            self._ack_at_once(self._ack_nowait, message)
+            return
         self._pending_acks.append(message)
         if self._ack_task is None:
             self._ack_task = asyncio.get_running_loop().create_task(self._flush_acks())
+
+    def _ack_at_once(self, ack_nowait: Callable[[list[Message]], None], message: Message) -> None:
+        try:
+            ack_nowait([message])
+            self.stats.acked += 1
+        except Exception as exc:
+            self.stats.failed_settles += 1
+            logger.error(
+                "ack of message %s failed (%s); the broker will redeliver it", message.id, exc
+            )
+        self.finish(message)
 
     async def _flush_acks(self) -> None:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -238,5 +238,46 @@ def test_hung_sync_handlers_grow_threads_only_to_a_bound_then_report_stuck() -> 
             forever.set()
         await wait_for(lambda: c.healthy, 20, "healthy again once the threads returned")
         await c.stop(2)
+
+    run(scenario())
+
+
+# ---------------------------------------------------------------- immediate acks
+class ImmediateAckAdapter(MemoryAdapter):
+    """A memory adapter that also offers ``ack_nowait``, counting which path the engine took."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.at_once = 0
+        self.batched = 0
+
+    def ack_nowait(self, messages: Sequence[Message]) -> None:
+        self.at_once += len(messages)
+        for message in messages:
+            self.broker.delete(self._source, message)
+
+    async def ack(self, messages: Sequence[Message]) -> None:
+        self.batched += len(messages)
+        await super().ack(messages)
+
+
+@pytest.mark.parametrize(("concurrency", "prefetch"), [(1, 0), (8, None)])
+def test_an_ack_alone_in_flight_goes_at_once_others_batch(
+    concurrency: int, prefetch: int | None
+) -> None:
+    async def scenario() -> None:
+        broker = filled(200)
+        adapter = ImmediateAckAdapter("q", broker=broker)
+        options = CollectorOptions(
+            **{**FAST_OPTIONS, "concurrency": concurrency, "prefetch": prefetch}
+        )
+        c = BaseCollector(adapter, lambda body: None, options)
+        await c.serve(until_empty=True)
+        assert c.stats.acked == 200 and adapter.at_once + adapter.batched == 200
+        assert not broker.queue("q").ready and not broker.queue("q").leased
+        if concurrency == 1:  # one in flight at a time: never a batch to wait for
+            assert adapter.at_once == 200
+        else:  # a lease of 100 is in flight at once: those acks batch per loop turn
+            assert adapter.batched >= 100
 
     run(scenario())

@@ -273,6 +273,10 @@ class NSQAdapter(PushAdapter):
         return held
 
     async def ack(self, messages: Sequence[Message]) -> None:
+        """FIN each, one write per connection (nsqd never answers a FIN)."""
+        self.ack_nowait(messages)
+
+    def ack_nowait(self, messages: Sequence[Message]) -> None:
         """FIN each, one write per connection; one already settled or whose connection died
         (nsqd redelivers it) is skipped."""
         batch = []
