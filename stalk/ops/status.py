@@ -10,6 +10,28 @@ from stalk.engine.stats import CollectorStats
 from stalk.ops.logs import redact
 
 
+def counts(stats: CollectorStats) -> dict[str, Any]:
+    """Return the one vocabulary of counts the summary line, ``/status`` and the docs share.
+
+    ``received``: deliveries taken from the broker (a retry comes back as a new delivery);
+    ``attempts``: handler calls; ``acked``: messages done and deleted; ``retried``: handed back
+    for a later attempt; ``errors``: routed to the error topic, by reason; ``dropped``: unflagged
+    errors dropped by choice; ``released``: given back unprocessed (shutdown, sleep). The
+    engine's own ``acked`` counter also counts the originals of error copies and drops (each
+    leaves the source the same way); here each message is in one column only.
+    """
+    errors = dict(stats.errored)
+    return {
+        "received": stats.received,
+        "attempts": stats.handled,
+        "acked": max(0, stats.acked - sum(errors.values()) - stats.dropped),
+        "retried": stats.retried,
+        "errors": errors,
+        "dropped": stats.dropped,
+        "released": stats.released,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """One collector as /metrics, /status and the progress line show it, credentials removed.
@@ -55,6 +77,7 @@ class Snapshot:
             "health_reason": self.health_reason,
             "concurrency": self.concurrency,
             "in_flight": self.in_flight,
+            "messages": counts(self.stats),
             "counts": self.stats.to_state(),
             "backlog": None if backlog is None else backlog.as_dict(),
         }

@@ -35,7 +35,7 @@ def test_send_then_run_until_empty_with_aws_endpoint_url(sqs_endpoint: str) -> N
     assert len(sent.stdout.split()) == 3, "one message id per body"
     ran = stalk(sqs_endpoint, "run", "workers.app:handler", *common, "--until-empty",
                 "--polling-period", "0.1", "--max-polling-period", "0.5")  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 3, ran.stderr  # "not json" went to the error topic
     (dead,) = raw_receive(sqs_endpoint, error_url, VisibilityTimeout=0)
     assert dead["Body"] == "not json"
     stats = stalk(sqs_endpoint, "stats", *common, "--json")
