@@ -218,7 +218,9 @@ def resolve(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
     keys = set(defaults)
     env = read_env(keys)
     path = find_file(getattr(args, "config", None))
-    file_values, file_options = read_file(path, keys) if path is not None else ({}, {})
+    # every run setting is valid in the file; a command uses the ones it has
+    known = set(COMMON) | set(RUN)
+    file_values, file_options = read_file(path, known) if path is not None else ({}, {})
     origin: dict[str, tuple[Any, str]] = {}
     for key, default in defaults.items():
         given = getattr(args, key, None)

@@ -81,17 +81,24 @@ class AsyncPublisher:
     def __init__(self, backend: str | None = None, source: str | None = None, **options: Any):
         self.adapter = build_adapter(backend, source, options)
         self._opened = False
+        self._opening: asyncio.Lock | None = None
 
     async def open(self) -> None:
         """Connect (done by ``async with``; publish opens on first use too)."""
-        if not self._opened:
-            await self.adapter.open()
-            self._opened = True
+        if self._opened:
+            return
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:  # concurrent first publishes open once
+            if not self._opened:
+                await self.adapter.open()
+                self._opened = True
 
     async def close(self) -> None:
         """Close the connection. Idempotent."""
         if self._opened:
             self._opened = False
+            self._opening = None
             await self.adapter.close()
 
     async def publish(
