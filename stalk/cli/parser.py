@@ -427,8 +427,20 @@ def build_parser() -> Parser:
         allow_abbrev=False,
     )
     _common(redrive)
-    redrive.add_argument("--from", dest="from_source", required=True, metavar="ERRORS")
-    redrive.add_argument("--to", dest="to_source", required=True, metavar="SOURCE")
+    redrive.add_argument(
+        "--from",
+        dest="from_source",
+        required=True,
+        metavar="ERRORS",
+        help="the error topic to read (required)",
+    )
+    redrive.add_argument(
+        "--to",
+        dest="to_source",
+        required=True,
+        metavar="SOURCE",
+        help="where the messages go back to (required)",
+    )
     redrive.add_argument("--limit", type=int, default=None, help="at most N messages (all)")
     redrive.add_argument(
         "--reason",
@@ -448,8 +460,10 @@ def build_parser() -> Parser:
         description="List the adapters and whether their SDK is installed here.",
         allow_abbrev=False,
     )
-    backends.add_argument("--log-format", choices=("text", "json"), default=None, help="unused")
-    backends.add_argument("--log-level", type=_log_level, default=None, help="unused")
+    backends.add_argument(
+        "--log-format", choices=("text", "json"), default=None, help="accepted, not used"
+    )
+    backends.add_argument("--log-level", type=_log_level, default=None, help="accepted, not used")
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,25 +12,8 @@ from stalk.ops.logs import redact
 
 
 def counts(stats: CollectorStats) -> dict[str, Any]:
-    """Return the one vocabulary of counts the summary line, ``/status`` and the docs share.
-
-    ``received``: deliveries taken from the broker (a retry comes back as a new delivery);
-    ``attempts``: handler calls; ``acked``: messages done and deleted; ``retried``: handed back
-    for a later attempt; ``errors``: routed to the error topic, by reason; ``dropped``: unflagged
-    errors dropped by choice; ``released``: given back unprocessed (shutdown, sleep). The
-    engine's own ``acked`` counter also counts the originals of error copies and drops (each
-    leaves the source the same way); here each message is in one column only.
-    """
-    errors = dict(stats.errored)
-    return {
-        "received": stats.received,
-        "attempts": stats.handled,
-        "acked": max(0, stats.acked - sum(errors.values()) - stats.dropped),
-        "retried": stats.retried,
-        "errors": errors,
-        "dropped": stats.dropped,
-        "released": stats.released,
-    }
+    """Return the counts' one vocabulary (see :meth:`CollectorStats.outcomes`)."""
+    return stats.outcomes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,4 +64,9 @@ class Snapshot:
             "messages": counts(self.stats),
             "counts": self.stats.to_state(),
             "backlog": None if backlog is None else backlog.as_dict(),
+            "backlog_age_s": (
+                None
+                if self.stats.backlog_at is None
+                else round(max(0.0, time.time() - self.stats.backlog_at), 3)
+            ),
         }
