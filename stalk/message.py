@@ -16,11 +16,41 @@ ATTR_SOURCE = "stalk-source"
 ATTR_ORIGINAL_ID = "stalk-original-id"
 ATTR_FIRST_FAILURE_AT = "stalk-first-failure-at"
 ATTR_LAST_FAILURE_AT = "stalk-last-failure-at"
+#: The handler's traceback, last ``TRACEBACK_FRAMES`` frames, at most ``MAX_TRACEBACK_TEXT``.
+ATTR_TRACEBACK = "stalk-traceback"
 #: Attempt number carried by adapters whose broker does not count deliveries itself.
 ATTR_ATTEMPT = "stalk-attempt"
 
 #: Longest error text put into metadata; brokers limit attribute sizes (SQS: 256 KiB in all).
 MAX_ERROR_TEXT = 2000
+#: Frames and characters of the traceback kept on an error copy: enough to find the line, small
+#: enough for every backend's attribute limits (SQS: 256 KiB for body and attributes together).
+TRACEBACK_FRAMES = 8
+MAX_TRACEBACK_TEXT = 4000
+
+#: ``stalk-error-type`` of a failure given as text (``fatal("bad input")``) or found before the
+#: handler ran: what happened, named like an exception class, not ``str``.
+TEXT_ERROR_TYPES = {
+    "fatal": "Fatal",
+    "retries_exhausted": "RetriesExhausted",
+    "error": "UnflaggedError",
+    "poison": "Poison",
+    "too_large": "MessageTooLarge",
+    "expired": "Expired",
+}
+
+
+def format_traceback(error: BaseException | str | None) -> str:
+    """Return the last frames of ``error``'s traceback (type and message included), bounded;
+    ``""`` for a text or an exception never raised."""
+    if not isinstance(error, BaseException) or error.__traceback__ is None:
+        return ""
+    import traceback
+
+    text = "".join(traceback.format_exception(error, limit=-TRACEBACK_FRAMES)).rstrip()
+    if len(text) > MAX_TRACEBACK_TEXT:
+        text = "...\n" + text[-(MAX_TRACEBACK_TEXT - 4) :]
+    return text
 
 
 @dataclass(eq=False, slots=True)
@@ -69,7 +99,9 @@ class Failure:
         reason: ``fatal``, ``retries_exhausted``, ``error`` (unflagged), ``too_large``,
             ``expired`` or ``poison`` (delivered more than ``max_retries + 1`` times).
         error: the error text (truncated to ``MAX_ERROR_TEXT``).
-        error_type: the exception class name, or ``str`` for a plain text.
+        error_type: the exception class name; for a plain text, the reason as a class-like
+            name (``Fatal`` for ``fatal("...")``, see ``TEXT_ERROR_TYPES``).
+        traceback: where a raised exception came from (``format_traceback``), or ``""``.
     """
 
     reason: str
@@ -80,6 +112,7 @@ class Failure:
     original_id: str
     first_failure_at: float
     last_failure_at: float
+    traceback: str = ""
 
     @classmethod
     def build(cls, message: Message, reason: str, error: BaseException | str | None) -> Failure:
@@ -95,7 +128,7 @@ class Failure:
         elif isinstance(error, BaseException):
             text, kind = str(error) or repr(error), type(error).__name__
         else:
-            text, kind = str(error), "str"
+            text, kind = str(error), TEXT_ERROR_TYPES.get(reason, "Error")
         return cls(
             reason=reason,
             error=text[:MAX_ERROR_TEXT],
@@ -105,11 +138,13 @@ class Failure:
             original_id=message.id,
             first_failure_at=first_at,
             last_failure_at=now,
+            traceback=format_traceback(error),
         )
 
     def to_attributes(self) -> dict[str, str]:
-        """Return the failure as string attributes, eight of them, all prefixed ``stalk-``."""
-        return {
+        """Return the failure as string attributes, all prefixed ``stalk-``: eight, and
+        ``stalk-traceback`` when a raised exception has one."""
+        attributes = {
             ATTR_REASON: self.reason,
             ATTR_ERROR: self.error,
             ATTR_ERROR_TYPE: self.error_type,
@@ -119,3 +154,6 @@ class Failure:
             ATTR_FIRST_FAILURE_AT: f"{self.first_failure_at:.6f}",
             ATTR_LAST_FAILURE_AT: f"{self.last_failure_at:.6f}",
         }
+        if self.traceback:
+            attributes[ATTR_TRACEBACK] = self.traceback
+        return attributes

@@ -99,11 +99,15 @@ def build_settings(
 ) -> AdapterSettings:
     """Validate ``--option`` pairs (and environment variables) into an adapter's settings.
 
+    A value ``@PATH`` is read from that file (trailing newline removed), so a secret such as
+    ``url=@/run/secrets/amqp`` never shows in ``ps``; ``@@text`` stands for a literal ``@text``.
+
     Raises:
         ConfigError: one line naming the bad key or value and the accepted keys.
     """
+    values = {key: read_value(key, value) for key, value in options.items()}
     try:
-        return model(**dict(options))
+        return model(**values)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "?"
@@ -115,6 +119,25 @@ def build_settings(
         raise ConfigError(
             f"backend {backend!r} option {key}={first.get('input')!r}: {first['msg']}"
         ) from None
+
+
+def read_value(key: str, value: str) -> str:
+    """Return an option value, reading ``@PATH`` from the file (``@@x`` is a literal ``@x``).
+
+    Raises:
+        ConfigError: the file cannot be read, naming the option and the path.
+    """
+    if not isinstance(value, str) or not value.startswith("@"):
+        return value
+    if value.startswith("@@"):
+        return value[1:]
+    path = value[1:]
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"option {key}=@{path}: cannot read the file ({reason})") from None
 
 
 class Adapter(abc.ABC):
@@ -384,6 +407,24 @@ class TopicAdmin(Protocol):
 
     async def subscribe(self, topic: str, queue: str | None = None) -> None:
         """Subscribe ``queue`` (default: the source) to ``topic``."""
+        ...
+
+
+@runtime_checkable
+class Fetcher(Protocol):
+    """A push adapter that can also take messages on request, one call per batch (AMQP's
+    ``basic.get``): how ``stalk peek`` and ``stalk redrive`` read a queue nobody consumes.
+
+    What :meth:`fetch` returns is held until :meth:`settle_fetched` acks (``ack=True``) or
+    requeues it (``ack=False``), or until the adapter closes (requeued).
+    """
+
+    async def fetch(self, max_messages: int) -> list[Message]:
+        """Take up to ``max_messages`` ready messages of the source; ``[]`` when none."""
+        ...
+
+    async def settle_fetched(self, messages: Sequence[Message], *, ack: bool) -> None:
+        """Ack fetched messages, or give them back in place (attempts unchanged)."""
         ...
 
 

@@ -465,7 +465,7 @@ class BaseCollector:
         self.state = "stopped"
         self.set_health(False, "stopped")
         self._stopped.set()
-        logger.info("collector stopped on %s: %s", self.adapter.describe(), self.stats.as_dict())
+        logger.info("collector stopped on %s: %s", self.adapter.describe(), self.stats.outcomes())
 
     async def _settle_pending(self, grace_s: float) -> None:
         """Let acks and routes already under way finish; release whatever still has no outcome."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -130,13 +131,24 @@ def load(path: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and not _is_part_of(missing, module_name):  # raised inside the module
+            raise HandlerImportError(
+                f"handler module {module_name!r} imports {missing!r}, which is not installed "
+                f"({_where(exc)}): a missing dependency; pip install it in this environment"
+            ) from exc
         raise HandlerImportError(
             f"cannot import module {module_name!r} for handler {path!r}: {exc}; "
             "run from the directory that contains it or fix the path"
         ) from exc
+    except SyntaxError as exc:
+        raise HandlerImportError(
+            f"handler module {module_name!r} has a syntax error at {exc.filename}:{exc.lineno}: "
+            f"{exc.msg}"
+        ) from exc
     except Exception as exc:
         raise HandlerImportError(
-            f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+            f"importing module {module_name!r} failed at {_where(exc)}: {type(exc).__name__}: {exc}"
         ) from exc
     obj: Any = module
     for part in attr.split("."):
@@ -149,6 +161,22 @@ def load(path: str) -> Callable[..., Any]:
     if not callable(obj):
         raise HandlerImportError(f"{path!r} is a {type(obj).__name__}, not a callable handler")
     return obj  # type: ignore[no-any-return]
+
+
+def _is_part_of(missing: str, module_name: str) -> bool:
+    """True when ``missing`` is ``module_name`` or one of its parent packages."""
+    return module_name == missing or module_name.startswith(missing + ".")
+
+
+def _where(exc: BaseException) -> str:
+    """Return ``file:line`` of the deepest frame outside the import machinery."""
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+    ]
+    if not frames:
+        return "unknown place"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno}"
 
 
 def resolve_exceptions(names: Sequence[str]) -> tuple[type[BaseException], ...]:

@@ -26,6 +26,8 @@ logger = logging.getLogger("stalk.collector")
 
 #: Longest wait for more free slots before a poll (see ``PollIntake._gather_slots``).
 GATHER_S = 0.002
+#: Pause between the drained checks of ``--until-empty`` on a push source whose broker counts.
+DRAINED_TICK_S = 0.1
 
 
 class Host(Protocol):
@@ -320,15 +322,29 @@ class PushIntake(Intake):
             self.host.tasks.spawn(self._watch_idle(), "stalk-until-empty")
 
     async def _watch_idle(self) -> None:
-        """A push source has no empty poll: drained means quiet for a while and nothing held."""
+        """A push source has no empty poll: drained means nothing held and the broker agrees.
+
+        Where the broker counts (``features.backlog``), two drained checks a tick apart with
+        nothing delivered in between are enough (a message on its way to us arrives within
+        the tick), so an empty queue ends a run in a fraction of a second. Where it cannot,
+        the source must also have been quiet for ``max_polling_period_s``.
+        """
         host = self.host
         quiet_s = max(host.options.max_polling_period_s, 0.5)
+        counts = self.adapter.features.backlog
+        tick = DRAINED_TICK_S if counts else quiet_s / 4
+        confirmed = False
         while host.state not in ("draining", "stopped"):
-            await asyncio.sleep(quiet_s / 4)
-            idle = time.monotonic() - self.last_intake >= quiet_s
-            if host.state == "awake" and idle and await host.drained():
+            await asyncio.sleep(tick)
+            if host.state != "awake":
+                confirmed = False
+                continue
+            idle = time.monotonic() - self.last_intake >= (tick if counts else quiet_s)
+            drained = idle and await host.drained()
+            if drained and (confirmed or not counts):
                 host.stop_drained()
                 return
+            confirmed = drained
 
 
 def intake_for(host: Host, adapter: Adapter) -> Intake:

@@ -31,7 +31,7 @@ from stalk.engine.policy import (
     decide,
 )
 from stalk.engine.stats import CollectorStats
-from stalk.message import ATTR_FIRST_FAILURE_AT, Failure, Message
+from stalk.message import ATTR_FIRST_FAILURE_AT, TEXT_ERROR_TYPES, Failure, Message
 from stalk.result import Result
 from stalk.tasks import TaskSet
 
@@ -40,6 +40,13 @@ logger = logging.getLogger("stalk.collector")
 #: Observer of each settled outcome: ``(message, action, handler_seconds)``; ``0.0`` seconds for
 #: a message rejected before its handler ran.
 Observer = Callable[[Message, Action, float], None]
+
+
+def _describe(error: BaseException | str | None) -> str:
+    """``KeyError: 'customer'``: an exception with its type (its text alone may be one word)."""
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return str(error)
 
 
 class Settler:
@@ -100,7 +107,7 @@ class Settler:
         action = RouteToError(verdict.reason)
         self._observe(message, action, 0.0)
         self.tasks.spawn(
-            self.route(message, action, Result(ValueError(verdict.why), fatal=True)),
+            self.route(message, action, Result(verdict.why, fatal=True)),
             "stalk-route",
         )
 
@@ -185,18 +192,37 @@ class Settler:
             "outcome": "retry" if is_retry else f"error:{action.reason}",  # type: ignore[union-attr]
             "duration_s": None if seconds is None else round(seconds, 6),
         }
+        error = result.error
+        raised = isinstance(error, BaseException) and error.__traceback__ is not None
+        if error is not None:
+            context["error"] = str(error) or repr(error)
+            if isinstance(error, BaseException):
+                context["error_type"] = type(error).__name__
+            elif isinstance(action, RouteToError):
+                context["error_type"] = TEXT_ERROR_TYPES.get(action.reason, "Error")
+            else:
+                context["error_type"] = "Retry"
+        # A raised exception is logged once, where its outcome is, with its traceback (the
+        # JSON format puts it in field ``traceback``); a returned retry() stays at INFO.
+        exc_info = (
+            (type(error), error, error.__traceback__)
+            if raised and isinstance(error, BaseException)
+            else None
+        )
         try:
             if isinstance(action, RetryLater):
                 message.attributes.setdefault(ATTR_FIRST_FAILURE_AT, f"{time.time():.6f}")
                 await self.adapter.retry_later(message, action.delay_s)
                 self.stats.retried += 1
                 self.retry_due_at = max(self.retry_due_at, time.monotonic() + action.delay_s)
-                logger.info(
+                logger.log(
+                    logging.WARNING if raised else logging.INFO,
                     "retry of %s in %.2fs: %s",
                     message.id,
                     action.delay_s,
-                    result.error,
+                    _describe(error),
                     extra=context,
+                    exc_info=exc_info,
                 )
             else:
                 failure = self._failure(message, action.reason, result)
@@ -207,8 +233,9 @@ class Settler:
                     "message %s to error topic (%s): %s",
                     message.id,
                     action.reason,
-                    failure.error,
+                    _describe(error) if raised else failure.error,
                     extra=context,
+                    exc_info=exc_info,
                 )
         except Exception as exc:  # never ack what was not retried or routed
             self.stats.failed_settles += 1

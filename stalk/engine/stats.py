@@ -56,6 +56,8 @@ class CollectorStats:
     handler_seconds: float = 0.0
     duration_counts: list[int] = field(default_factory=_empty_buckets)
     backlog: Backlog | None = None
+    #: Epoch seconds when ``backlog`` was read (``/status`` shows its age).
+    backlog_at: float | None = None
 
     def observe(self, seconds: float) -> None:
         """Count one finished handler call: a bisect and three adds, cheap enough per message."""
@@ -92,6 +94,28 @@ class CollectorStats:
         if len(counts) == len(stats.duration_counts):
             stats.duration_counts = [int(c) for c in counts]
         return stats
+
+    def outcomes(self) -> dict[str, Any]:
+        """Return the one vocabulary of counts the summary line, the stop log, ``/status`` and
+        the progress line share; each message is in one column only.
+
+        ``received``: deliveries taken from the broker (a retry comes back as a new delivery);
+        ``attempts``: handler calls; ``acked``: handled and deleted; ``retried``: handed back
+        for a later attempt; ``errors``: routed to the error topic, by reason; ``dropped``:
+        unflagged errors dropped by choice; ``released``: given back unprocessed (shutdown,
+        sleep). The raw ``acked`` counter (and ``stalk_messages_acked_total``) also counts the
+        originals of error copies and drops, which leave the source the same way.
+        """
+        errors = dict(self.errored)
+        return {
+            "received": self.received,
+            "attempts": self.handled,
+            "acked": max(0, self.acked - sum(errors.values()) - self.dropped),
+            "retried": self.retried,
+            "errors": errors,
+            "dropped": self.dropped,
+            "released": self.released,
+        }
 
     def as_dict(self) -> dict[str, object]:
         """Return the counters for ``/status`` and JSON output."""

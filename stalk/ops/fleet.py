@@ -53,6 +53,8 @@ class Worker:
             "recycles": self.recycles,
             "last_exit": self.last_exit,
             "uptime_s": round(time.monotonic() - self.started_at, 1) if running else 0.0,
+            "concurrency": int((self.status or {}).get("concurrency", 0)),
+            "in_flight": int((self.status or {}).get("in_flight", 0)),
         }
 
 
@@ -115,6 +117,8 @@ class Fleet:
             stats.add(worker.stats)
         backlogs = [s["backlog"] for s in statuses if s.get("backlog")]
         stats.backlog = Backlog(**backlogs[0]) if backlogs else None
+        ages = [s["backlog_age_s"] for s in statuses if s.get("backlog_age_s") is not None]
+        stats.backlog_at = time.time() - min(ages) if ages else None
         states = {s["state"] for s in statuses}
         state = "draining" if self.stopping else states.pop() if len(states) == 1 else "starting"
         healthy, reason = self.health_now()

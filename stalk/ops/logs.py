@@ -109,7 +109,7 @@ class JsonFormatter(logging.Formatter):
                     value if isinstance(value, int | float | bool) else redact(str(value))
                 )
         if record.exc_info:
-            payload["exc"] = redact(self.formatException(record.exc_info))
+            payload["traceback"] = redact(self.formatException(record.exc_info))
         return json.dumps(payload, default=str)
 
 

@@ -1,7 +1,8 @@
 """Move messages from an error topic back to a source: ``stalk redrive``, for every backend.
 
-Written against the adapter seam only (``get_messages`` on the error topic, ``publish`` to the
-target, then ``ack``), so any polling adapter, built-in or third-party, gets the command for free.
+Written against the adapter seam only (``get_messages`` on the error topic, or ``fetch`` where a
+push broker can get on request as AMQP can, ``publish`` to the target, then ``ack``), so any
+polling adapter, built-in or third-party, gets the command for free.
 
 Each message is republished as a new message: the broker counts its attempts from 1 again, and
 the failure metadata it carries (``stalk-reason``, ``stalk-error``, ...) stays as attributes so a
@@ -11,14 +12,14 @@ between leaves a copy in both places (at-least-once), never in neither.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from stalk.collectors.base import Adapter, PollingAdapter
+from stalk.collectors.base import Adapter
 from stalk.errors import ConfigError
-from stalk.message import ATTR_ATTEMPT, Message
+from stalk.message import ATTR_ATTEMPT, ATTR_REASON, Message
+from stalk.ops.peek import Reader
 
 logger = logging.getLogger(__name__)
 
@@ -50,50 +51,77 @@ async def redrive(
     to_adapter: Adapter,
     limit: int | None = None,
     *,
+    reason: str | None = None,
+    dry_run: bool = False,
     batch_size: int = BATCH_SIZE,
     wait_s: float = WAIT_S,
+    on_match: Callable[[Message], None] | None = None,
 ) -> int:
     """Move up to ``limit`` messages (all when ``None``) from ``from_adapter``'s source to
     ``to_adapter``'s. Both must be bound and open.
 
+    ``reason`` moves only messages whose ``stalk-reason`` is that one; the others are held
+    until the end and then given back where they were. ``dry_run`` moves nothing: it reads,
+    reports each match to ``on_match`` and gives every message back. Any polling adapter, and
+    any :class:`~stalk.collectors.base.Fetcher` (AMQP), can be redriven.
+
     Returns:
-        how many messages were moved.
+        how many messages were moved (with ``dry_run``: would have been).
 
     Raises:
-        ConfigError: the error topic's backend cannot be polled, or both name the same place.
+        ConfigError: the error topic's backend cannot be read, or both name the same place.
         BackendError: from either adapter; what was moved so far stays moved, the rest stays.
     """
-    if not isinstance(from_adapter, PollingAdapter):
-        raise ConfigError(
-            f"backend {from_adapter.name!r} cannot be redriven yet: reading its "
-            "error topic needs a polling adapter"
-        )
     if from_adapter.describe() == to_adapter.describe():
         raise ConfigError(f"redrive from and to the same place ({to_adapter.describe()})")
     if limit is not None and limit < 0:
         raise ConfigError(f"--limit must be >= 0, got {limit}")
+    reader = Reader(from_adapter)
     started = time.time()
     moved = 0
-    while limit is None or moved < limit:
-        want = batch_size if limit is None else min(batch_size, limit - moved)
-        batch = await from_adapter.get_messages(want, wait_s)
-        if not batch:
-            break
-        done, looped = await _move_batch(from_adapter, to_adapter, batch, started)
-        moved += done
-        if looped:
-            logger.warning("stopping: message failed again after this redrive moved it")
-            break
+    try:
+        while limit is None or moved < limit:
+            want = batch_size if limit is None else min(batch_size, limit - moved)
+            batch = await reader.take(want)
+            if not batch:
+                break
+            matching = [
+                m for m in batch if reason is None or m.attributes.get(ATTR_REASON) == reason
+            ]
+            if limit is not None:
+                matching = matching[: limit - moved]
+            if dry_run:
+                for message in matching:
+                    if on_match is not None:
+                        on_match(message)
+                moved += len(matching)
+                continue
+            done, looped = await _move_batch(reader, to_adapter, matching, started, on_match)
+            moved += done
+            if looped:
+                logger.warning("stopping: message failed again after this redrive moved it")
+                break
+    finally:
+        await reader.give_back()
     logger.info(
-        "redrove %d message(s) from %s to %s", moved, from_adapter.describe(), to_adapter.describe()
+        "%s %d message(s) from %s to %s",
+        "would redrive" if dry_run else "redrove",
+        moved,
+        from_adapter.describe(),
+        to_adapter.describe(),
     )
     return moved
 
 
 async def _move_batch(
-    from_adapter: Adapter, to_adapter: Adapter, batch: list[Message], started: float
+    reader: Reader,
+    to_adapter: Adapter,
+    batch: list[Message],
+    started: float,
+    on_match: Callable[[Message], None] | None,
 ) -> tuple[int, bool]:
-    """Publish each message to the target, then ack the published ones; release the rest."""
+    """Publish each message to the target, then ack the published ones; the rest stay held and
+    are given back at the end."""
     published: list[Message] = []
     looped = False
     try:
@@ -104,12 +132,10 @@ async def _move_batch(
             attributes = redriven_attributes(message.attributes, time.time())
             await to_adapter.publish(message.body, attributes)
             published.append(message)
+            if on_match is not None:
+                on_match(message)
     finally:
-        if published:
-            await from_adapter.ack(published)
-        for message in batch[len(published) :]:
-            with contextlib.suppress(Exception):  # it comes back when its lease ends anyway
-                await from_adapter.release(message)
+        await reader.ack(published)
     return len(published), looped
 
 
@@ -119,18 +145,34 @@ async def redrive_by_name(
     from_source: str,
     to_source: str,
     limit: int | None = None,
+    *,
+    reason: str | None = None,
+    dry_run: bool = False,
+    from_options: Mapping[str, str] | None = None,
+    on_match: Callable[[Message], None] | None = None,
 ) -> int:
     """Build, open and close both adapters, then :func:`redrive`: the CLI's one call.
 
-    ``stalk redrive --backend NAME --from ERRORS --to SOURCE [--limit N] [--option K=V ...]``.
+    ``stalk redrive --backend NAME --from ERRORS --to SOURCE [--limit N] [--reason R]
+    [--dry-run] [--option K=V ...]``. ``from_options`` (default: ``options``) configures the
+    reading side, e.g. to declare nothing there.
     """
-    from_adapter = adapter_cls.from_options(from_source, None, options)
+    from_adapter = adapter_cls.from_options(
+        from_source, None, options if from_options is None else from_options
+    )
     to_adapter = adapter_cls.from_options(to_source, None, options)
     await from_adapter.open()
     try:
         await to_adapter.open()
         try:
-            return await redrive(from_adapter, to_adapter, limit)
+            return await redrive(
+                from_adapter,
+                to_adapter,
+                limit,
+                reason=reason,
+                dry_run=dry_run,
+                on_match=on_match,
+            )
         finally:
             await to_adapter.close()
     finally:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -71,6 +72,7 @@ async def poll_backlog(collector: BaseCollector, interval_s: float) -> None:
     while adapter.features.backlog and collector.state not in ("draining", "stopped"):
         try:
             collector.stats.backlog = await asyncio.wait_for(adapter.backlog(), interval_s * 2)
+            collector.stats.backlog_at = time.time()
         except Exception as exc:
             logger.debug("backlog of %s unavailable: %s", adapter.describe(), exc)
         await asyncio.sleep(interval_s)
@@ -177,15 +179,18 @@ class Operations:
             if not await server.start():
                 server = None
         self.server = server
-        interval = AUTOSCALE_BACKLOG_POLL_S if self.autoscaler else BACKLOG_POLL_S
+        show_progress = config.worker_id is None and wanted(sys.stderr, config.quiet)
+        # a person watching the progress line wants a fresh backlog, as the autoscaler does
+        fast = self.autoscaler is not None or show_progress
+        interval = AUTOSCALE_BACKLOG_POLL_S if fast else BACKLOG_POLL_S
         self._spawn(poll_backlog(collector, interval))
         self._spawn(self._watch())
         if self.autoscaler is not None:
             self._spawn(self.autoscaler.run())
         if config.report_fd is not None:
             self._spawn(self._report_port(server))
-        if config.worker_id is None and wanted(sys.stderr, config.quiet):
-            self._spawn(Progress(lambda: Snapshot.of(collector)).run())
+        if show_progress:
+            self._spawn(Progress(lambda: Snapshot.of(collector), bar=until_empty).run())
         try:
             await collector.serve(until_empty=until_empty, install_signals=True)
         finally:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from stalk.engine.collector import BaseCollector
 from stalk.engine.stats import CollectorStats
 from stalk.ops.logs import redact
+
+
+def counts(stats: CollectorStats) -> dict[str, Any]:
+    """Return the counts' one vocabulary (see :meth:`CollectorStats.outcomes`)."""
+    return stats.outcomes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +61,12 @@ class Snapshot:
             "health_reason": self.health_reason,
             "concurrency": self.concurrency,
             "in_flight": self.in_flight,
+            "messages": counts(self.stats),
             "counts": self.stats.to_state(),
             "backlog": None if backlog is None else backlog.as_dict(),
+            "backlog_age_s": (
+                None
+                if self.stats.backlog_at is None
+                else round(max(0.0, time.time() - self.stats.backlog_at), 3)
+            ),
         }

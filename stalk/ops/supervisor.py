@@ -98,7 +98,8 @@ class Supervisor:
         helpers = TaskSet(logger, "supervisor's helpers")
         helpers.spawn(self._poll(), "stalk-fleet-poll")
         if wanted(sys.stderr, self.config.quiet):
-            helpers.spawn(Progress(self.fleet.snapshot).run(), "stalk-progress")
+            progress = Progress(self.fleet.snapshot, bar=self.until_empty)
+            helpers.spawn(progress.run(), "stalk-progress")
         self.resize(self.fleet.processes)
         await self._keepers.join()
         await helpers.drain()
@@ -106,7 +107,7 @@ class Supervisor:
             await server.close()
         for name in handlers:
             loop.remove_signal_handler(getattr(signal, name))
-        logger.info("supervisor done: %s", self.fleet.snapshot().stats.as_dict())
+        logger.info("supervisor done: %s", self.fleet.snapshot().stats.outcomes())
         return self.exit_code
 
     def stop(self) -> None:

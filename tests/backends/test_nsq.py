@@ -472,7 +472,8 @@ def test_cli_send_batch_stats_and_unreachable_exit_1(nsq_harness: NSQHarness) ->
 
 
 def test_cli_run_until_empty_drains_the_readme_example(nsq_harness: NSQHarness) -> None:
-    """The README's two commands on nsq: send, then run --until-empty exits 0 with all settled."""
+    """The README's two commands on nsq: send, then run --until-empty exits 3 with all settled
+    (3: "not json" went to the error topic)."""
     server = nsq_harness.server
     source, errors = nsq_harness.new_names()
     server.create_channel(source)
@@ -483,7 +484,7 @@ def test_cli_run_until_empty_drains_the_readme_example(nsq_harness: NSQHarness) 
     assert sent.returncode == 0, sent.stderr
     ran = _cli("run", "workers.app:handler", "--backend", "nsq", "--source", source, *opts,
                "--until-empty")  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 3, ran.stderr
     assert stats(server, source).get("depth") == 0
     assert stats(server, source).get("deferred_count") == 0
     assert stats(server, errors).get("depth") == 1, "the undecodable body is on the error topic"

@@ -35,7 +35,7 @@ def test_send_then_run_until_empty_with_aws_endpoint_url(sqs_endpoint: str) -> N
     assert len(sent.stdout.split()) == 3, "one message id per body"
     ran = stalk(sqs_endpoint, "run", "workers.app:handler", *common, "--until-empty",
                 "--polling-period", "0.1", "--max-polling-period", "0.5")  # fmt: skip
-    assert ran.returncode == 0, ran.stderr
+    assert ran.returncode == 3, ran.stderr  # "not json" went to the error topic
     (dead,) = raw_receive(sqs_endpoint, error_url, VisibilityTimeout=0)
     assert dead["Body"] == "not json"
     stats = stalk(sqs_endpoint, "stats", *common, "--json")
@@ -56,3 +56,22 @@ def test_missing_queue_is_one_clear_line_and_exit_1(sqs_endpoint: str) -> None:
     assert ran.returncode == 1
     assert "'nowhere-queue' does not exist" in ran.stderr
     assert "Traceback" not in ran.stderr
+
+
+def test_peek_reads_an_error_queue_without_consuming_it(sqs_endpoint: str) -> None:
+    queue = f"peek-{uuid.uuid4().hex[:10]}"
+    create_queue(sqs_endpoint, queue)
+    create_queue(sqs_endpoint, f"{queue}-errors")
+    common = ["--backend", "sqs", "--source", queue]
+    assert stalk(sqs_endpoint, "send", *common, "not json").returncode == 0
+    fast = ["--polling-period", "0.1", "--max-polling-period", "0.5"]
+    ran = stalk(sqs_endpoint, "run", "workers.app:handler", *common, "--until-empty",
+                "--allow-errors", *fast)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    for _ in range(2):  # visibility goes back to 0: the second peek sees it again
+        peeked = stalk(sqs_endpoint, "peek", "--backend", "sqs", "--source", f"{queue}-errors",
+                       "--json")  # fmt: skip
+        assert peeked.returncode == 0, peeked.stderr
+        (message,) = [json.loads(line) for line in peeked.stdout.splitlines()]
+        assert message["body"] == "not json"
+        assert message["attributes"]["stalk-reason"] == "fatal"

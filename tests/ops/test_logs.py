@@ -18,7 +18,7 @@ def test_json_logs_carry_outcome_fields_and_leak_no_secret(tmp_path: Path) -> No
     local_send(db, "jobs", "ok", "boom")
     stalk = Stalk(
         "run", "tests.ops.handlers:leaky", "--backend", "local", "--source", "jobs",
-        "--option", f"path={db}", "--max-retries", "0", "--until-empty",
+        "--option", f"path={db}", "--max-retries", "0", "--until-empty", "--allow-errors",
         "--log-format", "json", "--log-level", "DEBUG",
         env={"AWS_SECRET_ACCESS_KEY": AWS_SECRET, "STALK_TEST_WORD": URL_WORD},
     )  # fmt: skip

@@ -14,7 +14,8 @@ from stalk.ops.status import Snapshot
 
 def snapshot() -> Snapshot:
     collector = BaseCollector(MemoryAdapter("orders"), lambda body: None, CollectorOptions())
-    collector.stats.handled = 1234
+    collector.stats.handled = 1240
+    collector.stats.acked = 1234  # done: 1232 acked + 2 to the error topic
     collector.stats.retried = 3
     collector.stats.errored["fatal"] = 2
     return Snapshot.of(collector)
@@ -56,3 +57,38 @@ def test_line_is_cleared_before_a_log_record_and_at_the_end() -> None:
     progress.draw()
     progress.clear()
     assert stream.getvalue().endswith(CLEAR)  # and erased when it stops
+
+
+def test_line_shows_backlog_left_eta_and_a_bar_with_until_empty() -> None:
+    from stalk.collectors.base import Backlog
+
+    snap = snapshot()
+    snap.stats.backlog = Backlog(ready=1000, delayed=234)
+    line = summary(snap, 100.0, bar=True)
+    assert "1,234 left" in line and "ETA 12s" in line
+    assert line.startswith("[##########----------]  50% ")
+    assert "left" not in summary(snapshot(), 100.0)  # a backend that cannot count: no guess
+
+
+def test_line_is_drawn_again_right_after_each_log_record() -> None:
+    stream = io.StringIO()
+    progress = Progress(snapshot, stream)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(stream)
+    root.addHandler(handler)
+
+    async def scenario() -> None:
+        task = asyncio.create_task(progress.run())
+        await asyncio.sleep(0.05)
+        for i in range(30):  # a burst of retries logging faster than the redraw period
+            logging.getLogger("stalk.test").warning("log line %d", i)
+        after = stream.getvalue().rsplit("log line 29", 1)[1]
+        assert "1,234 done" in after  # the line is back at once, not at the next tick
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        root.removeHandler(handler)
+    assert "emit" not in vars(handler)  # the handler is given back as it was

@@ -127,4 +127,4 @@ def test_until_empty_workers_finish_and_the_supervisor_exits_zero(tmp_path: Path
     assert local_stats(db, "jobs")["ready"] == 0
     assert stalk.stderr.count("finished") == 2
     assert "stalk.collector/w0" in stalk.stderr and "stalk.collector/w1" in stalk.stderr
-    assert "supervisor done: {'received': 6, 'acked': 6" in stalk.stderr
+    assert "supervisor done: {'received': 6, 'attempts': 6, 'acked': 6" in stalk.stderr

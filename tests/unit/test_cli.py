@@ -39,29 +39,49 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int, *wo
 
 
 def test_cli_unknown_backend_exits_2() -> None:
-    proc = stalk("run", "workers.app:handler", "--backend", "kafkaa")
+    proc = stalk("run", "workers.app:handler", "--backend", "kafkaa", "--source", "q")
     assert_one_line_error(proc, 2, "unknown backend 'kafkaa'", "memory")
 
 
 def test_cli_bad_handler_path_exits_2() -> None:
-    proc = stalk("run", "workers.nope:handler", "--backend", "memory")
+    proc = stalk("run", "workers.nope:handler", "--backend", "memory", "--source", "q")
     assert_one_line_error(proc, 2, "cannot import module 'workers.nope'")
-    proc = stalk("run", "workers.app:nohandler", "--backend", "memory")
+    proc = stalk("run", "workers.app:nohandler", "--backend", "memory", "--source", "q")
     assert_one_line_error(proc, 2, "no attribute 'nohandler'")
 
 
 def test_cli_bad_option_values_exit_2() -> None:
     assert_one_line_error(
-        stalk("run", "workers.app:handler", "--backend", "memory", "--concurrency", "0"),
+        stalk(
+            "run",
+            "workers.app:handler",
+            "--backend",
+            "memory",
+            "--source",
+            "q",
+            "--concurrency",
+            "0",
+        ),
         2,
         "concurrency",
     )
     assert_one_line_error(
-        stalk("run", "workers.app:handler", "--backend", "memory", "--option", "colour=blue"),
+        stalk(
+            "run",
+            "workers.app:handler",
+            "--backend",
+            "memory",
+            "--source",
+            "q",
+            "--option",
+            "colour=blue",
+        ),
         2,
         "no option 'colour'",
     )
-    proc = stalk("run", "workers.app:handler", "--backend", "memory", "--option", "novalue")
+    proc = stalk(
+        "run", "workers.app:handler", "--backend", "memory", "--source", "q", "--option", "novalue"
+    )
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
 
 
@@ -73,7 +93,15 @@ def test_cli_backends_lists_memory() -> None:
 
 def test_cli_run_until_empty_exits_0_on_memory() -> None:
     proc = stalk(
-        "run", "workers.app:handler", "--backend", "memory", "--until-empty", "--log-format", "json"
+        "run",
+        "workers.app:handler",
+        "--backend",
+        "memory",
+        "--source",
+        "q",
+        "--until-empty",
+        "--log-format",
+        "json",
     )
     assert proc.returncode == 0, proc.stderr
 
@@ -107,7 +135,10 @@ def test_cli_third_party_adapter_by_entry_point(tmp_path: Path) -> None:
         "workers.app:handler",
         "--backend",
         "fakeq",
+        "--source",
+        "q",
         "--until-empty",
+        "--allow-errors",
         "--polling-period",
         "0.01",
         "--max-polling-period",
@@ -123,7 +154,15 @@ def test_cli_json_logs_are_json_per_line() -> None:
     import json
 
     proc = stalk(
-        "run", "workers.app:handler", "--backend", "memory", "--until-empty", "--log-format", "json"
+        "run",
+        "workers.app:handler",
+        "--backend",
+        "memory",
+        "--source",
+        "q",
+        "--until-empty",
+        "--log-format",
+        "json",
     )
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines and all(isinstance(json.loads(ln), dict) for ln in lines)
@@ -143,7 +182,7 @@ def test_cli_send_stats_redrive_on_local(tmp_path: Path) -> None:
         == 0
     )
     run = stalk("run", "workers.app:handler", "--source", "jobs", "--until-empty", env=env)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 3, run.stderr  # a message went to the error topic
     assert "1 to error topic jobs-errors (fatal: 1)" in run.stdout
     table = stalk("stats", "--source", "jobs-errors", env=env)
     assert table.stdout.splitlines()[0].split()[:3] == ["source", "ready", "delayed"]

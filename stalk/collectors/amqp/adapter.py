@@ -59,6 +59,7 @@ from aiormq.abc import DeliveredMessage
 from stalk.collectors.amqp import broker as broker
 from stalk.collectors.amqp import topology as topo
 from stalk.collectors.amqp.consumer import Consumer
+from stalk.collectors.amqp.getter import Getter
 from stalk.collectors.amqp.settings import AMQPSettings
 from stalk.collectors.base import (
     AdapterFeatures,
@@ -112,6 +113,8 @@ class AMQPAdapter(PushAdapter):
         self._deliver: Deliver | None = None
         #: delay bucket (ms) -> monotonic time it was last declared; outlives a reconnect.
         self._buckets: dict[int, float] = {}
+        #: ``basic.get`` for peek and redrive, made on first use.
+        self._getter: Getter | None = None
 
     def describe(self) -> str:
         """Return ``amqp:<queue> (amqp://host:port vhost /)``, without credentials."""
@@ -136,6 +139,8 @@ class AMQPAdapter(PushAdapter):
         """Connect, open a consume and a confirm channel, declare or check the topology."""
         if self._conn is not None:
             return
+        topo.check_queue_name(self._source, "--source")
+        topo.check_queue_name(self._errors, "--error-topic")
         self._conn = await broker.connect(self.settings, f"stalk {self.source}")
         try:
             consume_ch = await self._conn.channel(publisher_confirms=False)
@@ -155,6 +160,9 @@ class AMQPAdapter(PushAdapter):
     async def close(self) -> None:
         """Close the connection; RabbitMQ requeues whatever is unacked. Idempotent."""
         conn, self._conn = self._conn, None
+        getter, self._getter = self._getter, None
+        if getter is not None:
+            await getter.close()
         if self._consumer is not None:
             self._consumer.close()
         self._publisher, self._consumer = None, None
@@ -290,3 +298,17 @@ class AMQPAdapter(PushAdapter):
             delayed=sum(n or 0 for n in delayed) if names else None,
             errors=await broker.count(self._conn, self._errors),
         )
+
+    # ------------------------------------------------------------------ on request (Fetcher)
+    async def fetch(self, max_messages: int) -> list[Message]:
+        """``basic.get`` up to ``max_messages`` of the source, held until settled (peek)."""
+        self._ready()
+        assert self._conn is not None
+        if self._getter is None:
+            self._getter = Getter(self._conn, self._source)
+        return await self._getter.fetch(max_messages)
+
+    async def settle_fetched(self, messages: Sequence[Message], *, ack: bool) -> None:
+        """Ack fetched messages, or requeue them in place."""
+        if self._getter is not None:
+            await self._getter.settle(messages, ack=ack)

@@ -17,7 +17,9 @@ class AMQPSettings(AdapterSettings):
 
     model_config = SettingsConfigDict(env_prefix="STALK_AMQP_", extra="forbid")
 
-    #: Broker URL; user and password never appear in stalk's logs or ``describe()``.
+    #: Broker URL, ``amqp://`` or ``amqps://``; user and password never appear in stalk's logs
+    #: or ``describe()``. Pass a password by ``STALK_AMQP_URL`` or ``--option url=@FILE``: the
+    #: command line is visible to every user of the host in ``ps``.
     url: str = "amqp://guest:guest@127.0.0.1/"
     #: Exchange to bind the source queue to ("" = none; producers publish to the queue).
     exchange: str = ""
@@ -40,6 +42,19 @@ class AMQPSettings(AdapterSettings):
     reconnect_interval_s: float = Field(default=2.0, gt=0)
     #: Longest wait for one broker operation (publish confirm, declare, consume).
     timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            raise ValueError("expected amqp://user:password@host:port/vhost (no scheme given)")
+        if scheme.lower() not in ("amqp", "amqps"):
+            raise ValueError(f"unknown scheme {scheme + '://'!r}; expected amqp:// or amqps://")
+        host = rest.partition("/")[0].rpartition("@")[2]
+        if not host:
+            raise ValueError("no host in the URL; expected amqp://user:password@host:port/vhost")
+        return value
 
     @field_validator("declare", mode="before")
     @classmethod

@@ -22,11 +22,13 @@ Per source queue ``Q`` stalk uses:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from stalk.collectors.amqp.settings import QueueType
+from stalk.errors import ConfigError
 from stalk.message import ATTR_ATTEMPT, ATTR_PREFIX
 
 #: Bucket mantissas per decade: round numbers people pass as delays, adjacent ones <= 20% apart.
@@ -44,6 +46,35 @@ X_DELIVERY_COUNT = "x-delivery-count"
 #: Headers the broker writes when it dead-letters or redelivers; never copied to a republish.
 BROKER_HEADERS = ("x-death", X_DELIVERY_COUNT)
 BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-")
+
+
+#: What pamqp (and so aio-pika) accepts in a queue name, and AMQP's short-string limit.
+QUEUE_NAME_CHARS = re.compile(r"^[a-zA-Z0-9\-_.:@#,/+ ]*$")
+MAX_NAME_BYTES = 255
+#: The longest suffix stalk adds to a source for its delay queues.
+LONGEST_SUFFIX = len(f".stalk-delay.{MAX_DELAY_MS}")
+
+
+def check_queue_name(name: str, flag: str) -> None:
+    """Refuse a queue name the AMQP client cannot send, in one line, before connecting.
+
+    Raises:
+        ConfigError: characters outside ``[a-zA-Z0-9-_.:@#,/+ ]`` or a name too long (delay
+            queues add up to ``LONGEST_SUFFIX`` characters to the source).
+    """
+    if not QUEUE_NAME_CHARS.match(name):
+        bad = sorted({c for c in name if not QUEUE_NAME_CHARS.match(c)})
+        shown = ", ".join(repr(c) for c in bad[:5])
+        raise ConfigError(
+            f"amqp {flag} {name!r} has characters RabbitMQ clients cannot send ({shown}); use "
+            "letters, digits and - _ . : @ # , / + space"
+        )
+    limit = MAX_NAME_BYTES - (LONGEST_SUFFIX if flag == "--source" else 0)
+    if len(name) > limit:
+        raise ConfigError(
+            f"amqp {flag} is {len(name)} characters; at most {limit} fit (AMQP names are at most "
+            f"{MAX_NAME_BYTES}, and delay queues add {LONGEST_SUFFIX})"
+        )
 
 
 def bucket_ms(delay_s: float) -> int:

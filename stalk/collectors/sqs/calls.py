@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import threading
 import uuid
@@ -109,7 +110,9 @@ class SQSCalls:
 
     async def connect(self, source: str) -> None:
         """Build the client from settings plus boto3's chain (env, profile, AWS_ENDPOINT_URL)."""
-        region = region_for(source, self.settings.region)
+        # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is what the AWS SDKs for other
+        # languages, the CLI v2 and the README say, so it works here too.
+        region = region_for(source, self.settings.region) or os.environ.get("AWS_REGION") or None
         s = self.settings
         config = Config(
             connect_timeout=s.connect_timeout_s,

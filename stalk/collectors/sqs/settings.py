@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from stalk.collectors.base import AdapterFeatures, AdapterSettings
@@ -45,3 +45,16 @@ class SQSSettings(AdapterSettings):
     group_id: str = "stalk"
     #: Create the source and error queue when missing (development, tests); off for production.
     create_queues: bool = False
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest:
+            raise ValueError(
+                "expected a URL with scheme, like http://127.0.0.1:5000 or https://sqs.eu-west-1"
+                ".amazonaws.com"
+            )
+        return value

@@ -1,0 +1,56 @@
+"""One vocabulary of counts (summary line, stop log, ``/status``), the backlog's age, and
+``--processes`` reporting per-process and total concurrency that agree."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from tests.ops._proc import Stalk, local_send, wait_until
+
+VOCABULARY = {"received", "attempts", "acked", "retried", "errors", "dropped", "released"}
+
+
+def args(db: Path, *extra: str) -> tuple[str, ...]:
+    return (
+        "run", "workers.app:handler", "--backend", "local", "--source", "jobs",
+        "--option", f"path={db}", "--http-port", "0", "--quiet", "--retry-interval", "0.01",
+        *extra,
+    )  # fmt: skip
+
+
+def test_status_summary_and_stop_log_use_the_same_counts(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    local_send(db, "jobs", '{"order": 1}', '{"order": 2, "flaky": true}', "not json")
+    stalk = Stalk(*args(db))
+    port = stalk.port()
+    status = wait_until(
+        lambda: (lambda s: s if s["messages"]["attempts"] >= 4 else None)(stalk.status(port)),
+        "four attempts",
+    )
+    messages = status["messages"]
+    assert set(messages) == VOCABULARY
+    assert (messages["acked"], messages["retried"], messages["errors"]) == (2, 1, {"fatal": 1})
+    assert status["backlog_age_s"] is None or status["backlog_age_s"] >= 0
+    stalk.signal(signal.SIGTERM)
+    assert stalk.wait() == 0, stalk.stderr
+    assert "2 acked, 1 retried, 1 to error topic jobs-errors (fatal: 1)" in stalk.stdout
+    stop = [line for line in stalk.lines if "collector stopped" in line]
+    assert "'acked': 2" in stop[0] and "'errors': {'fatal': 1}" in stop[0], stop
+
+
+def test_processes_report_total_and_per_worker_concurrency(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    stalk = Stalk(*args(db, "--processes", "2", "--concurrency", "3"))
+    port = stalk.port()
+    status = wait_until(
+        lambda: (lambda s: s if s["healthy"] and s["concurrency"] == 6 else None)(
+            stalk.status(port)
+        ),
+        "two workers of three slots",
+    )
+    assert [w["concurrency"] for w in status["workers"]] == [3, 3]
+    assert set(status["messages"]) == VOCABULARY
+    stalk.signal(signal.SIGTERM)
+    assert stalk.wait() == 0, stalk.stderr
+    assert "stalk: 0 received" in stalk.stdout  # --processes prints the summary too

@@ -1,0 +1,27 @@
+"""Handlers the day-one CLI tests run as real subprocesses (``tests.unit.cli_handlers:NAME``)."""
+
+from __future__ import annotations
+
+import json
+
+from stalk import Result, fatal
+
+
+def lookup(body: bytes) -> None:
+    """Fail the way real handlers do: a KeyError deep in the user's code."""
+    order = json.loads(body)
+    _customer(order)
+
+
+def _customer(order: dict[str, str]) -> str:
+    return order["customer"]
+
+
+def refuse(body: bytes) -> Result:
+    """Send everything to the error topic with a plain text."""
+    return fatal("no such product")
+
+
+def parse(body: bytes) -> None:
+    """Raise json.JSONDecodeError on bad input (a --fatal-exception in the tests)."""
+    json.loads(body)
