@@ -405,7 +405,7 @@ def build_parser() -> Parser:
         help="show messages of --source (an error topic) without consuming them",
         description="Show up to --limit messages of --source with every stalk-* attribute, "
         "leaving them where they are (attempts unchanged). local and sqs read and release; "
-        "amqp gets and requeues; nsq cannot peek (its channel would consume).",
+        "amqp gets and requeues; nsq takes and REQs 0 (nsqd counts that as an attempt).",
         allow_abbrev=False,
     )
     _common(peek)

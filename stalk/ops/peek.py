@@ -2,8 +2,9 @@
 
 Written against the seam: a polling adapter leases messages and releases every one of them
 (local: attempts unchanged; SQS: visibility back to 0, which SQS counts as a receive), a
-:class:`~stalk.collectors.base.Fetcher` (AMQP) gets them and requeues them in place. A push
-adapter without ``fetch`` (NSQ: a channel consumes what it reads) cannot peek, and says so.
+:class:`~stalk.collectors.base.Fetcher` (AMQP, NSQ) takes them and gives them back (AMQP in
+place; NSQ with ``REQ 0``, which nsqd counts as an attempt). A push adapter without ``fetch``
+cannot peek, and says so.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def check_readable(adapter: Adapter) -> None:
     """Refuse, before connecting, a backend that cannot read without consuming.
 
     Raises:
-        ConfigError: a push adapter without ``fetch`` (NSQ).
+        ConfigError: a push adapter without ``fetch``.
     """
     if not isinstance(adapter, PollingAdapter | Fetcher):
         raise ConfigError(

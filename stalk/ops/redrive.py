@@ -63,7 +63,7 @@ async def redrive(
     ``reason`` moves only messages whose ``stalk-reason`` is that one; the others are held
     until the end and then given back where they were. ``dry_run`` moves nothing: it reads,
     reports each match to ``on_match`` and gives every message back. Any polling adapter, and
-    any :class:`~stalk.collectors.base.Fetcher` (AMQP), can be redriven.
+    any :class:`~stalk.collectors.base.Fetcher` (AMQP, NSQ), can be redriven.
 
     Returns:
         how many messages were moved (with ``dry_run``: would have been).

@@ -9,6 +9,7 @@ condition with a generous limit; no timed assertions beyond "not before the dela
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -506,3 +507,33 @@ def test_writer_error_frame_fails_that_publish_and_recovers(nsq_harness: NSQHarn
         assert stats(nsq_harness.server, source).get("depth") == 1
 
     run(scenario())
+
+
+def test_cli_peek_and_redrive_read_the_error_topic(nsq_harness: NSQHarness) -> None:
+    """peek shows the error copies (unwrapped: body and stalk-* attributes) and gives them back;
+    redrive --dry-run moves nothing, redrive --limit 2 moves two back to the source."""
+    server = nsq_harness.server
+    source, errors = nsq_harness.new_names()
+    server.create_channel(source)
+    server.create_channel(errors)
+    opts = ["--backend", "nsq", "--option", f"nsqd={server.tcp}",
+            "--option", f"nsqd_http={server.http}"]  # fmt: skip
+    assert _cli("send", "--source", source, *opts, "a", "b", "c").returncode == 0
+    ran = _cli("run", "tests.unit.cli_handlers:refuse", "--source", source, *opts,
+               "--until-empty")  # fmt: skip
+    assert ran.returncode == 3, ran.stderr
+    peeked = _cli("peek", "--source", errors, "--json", *opts)
+    assert peeked.returncode == 0, peeked.stderr
+    shown = [json.loads(line) for line in peeked.stdout.splitlines()]
+    assert sorted(m["body"] for m in shown) == ["a", "b", "c"]
+    assert {m["attributes"]["stalk-reason"] for m in shown} == {"fatal"}
+    again = _cli("peek", "--source", errors, "--json", *opts)
+    assert len(again.stdout.splitlines()) == 3, again.stderr
+    dry = _cli("redrive", "--from", errors, "--to", source, "--dry-run", *opts)
+    assert b"would move 3" in dry.stdout, dry.stderr
+    moved = _cli("redrive", "--from", errors, "--to", source, "--limit", "2", *opts)
+    assert b"moved 2 message(s)" in moved.stdout, moved.stderr
+    deadline = time.monotonic() + 30
+    while (stats(server, source).get("depth"), stats(server, errors).get("depth")) != (2, 1):
+        assert time.monotonic() < deadline, (stats(server, source), stats(server, errors))
+        time.sleep(0.1)

@@ -38,9 +38,10 @@ def test_peek_escapes_binary_and_truncates(tmp_path: Path) -> None:
     assert "\\x1b[2J" in out and "\x1b" not in out  # no terminal escape reaches the screen
 
 
-def test_peek_on_nsq_says_it_cannot_before_connecting() -> None:
+def test_peek_on_an_unreachable_nsqd_is_one_line() -> None:
+    """nsq can peek (tests/backends/test_nsq.py); without an nsqd it says where it looked."""
     proc = stalk("peek", "--backend", "nsq", "--source", "t", "--option", "nsqd=127.0.0.1:1")
-    assert_one_line_error(proc, 2, "cannot read a queue without consuming it")
+    assert_one_line_error(proc, 1, "cannot reach nsqd", "127.0.0.1:1")
 
 
 def test_redrive_dry_run_moves_nothing_and_reason_filters(tmp_path: Path) -> None:

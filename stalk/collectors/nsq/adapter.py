@@ -25,6 +25,12 @@ Settling
     (default ``<topic>-errors``), waits for ``OK``, then FINs the original. A message whose
     connection died is not held any more (nsqd redelivers it): settling it raises or is skipped.
 
+Reading on request (``stalk peek``, ``stalk redrive``)
+    :meth:`NSQAdapter.fetch` subscribes the channel with RDY = what it may take and collects
+    what nsqd sends in its burst. A channel consumes what it reads, so a peek gives messages back
+    with ``REQ 0``, which nsqd counts as an attempt (it has no uncounted give-back); a redrive
+    FINs each one after its copy was published.
+
 Shutdown
     ``close`` sends RDY 0, ``REQ 0`` for every message still held, ``CLS``, waits for nsqd's
     ``CLOSE_WAIT`` (so the REQs are done) and closes: nothing waits for its msg_timeout.
@@ -52,6 +58,10 @@ from stalk.errors import BackendError, ConfigError
 from stalk.message import Failure, Message
 
 logger = logging.getLogger(__name__)
+
+#: How long :meth:`NSQAdapter.fetch` waits for the first message of a burst, and for each next.
+FETCH_FIRST_WAIT_S = 1.0
+FETCH_NEXT_WAIT_S = 0.2
 
 #: A parked copy this close to its due time is delivered rather than parked again.
 DUE_SLACK_S = 0.5
@@ -106,6 +116,8 @@ class NSQAdapter(PushAdapter):
         self._paused = False
         self._held: set[Held] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fetched: list[Message] = []
+        self._fetch_arrived = asyncio.Event()
 
     def describe(self) -> str:
         """Return ``nsq:<topic>/<channel> (nsqd ...)``."""
@@ -214,6 +226,54 @@ class NSQAdapter(PushAdapter):
         self._max_in_flight = max(1, n)
         if self._reader is not None and not self._paused:
             self._reader.apply_rdy(self._max_in_flight)
+
+    # ------------------------------------------------------------------ reading on request
+    async def fetch(self, max_messages: int) -> list[Message]:
+        """Take up to ``max_messages`` ready messages of the channel; ``[]`` when none comes.
+
+        nsqd pushes: RDY is raised by ``max_messages`` over what is already held, what arrives
+        is taken, then RDY drops to 0 so nothing more comes (held messages stay ackable). Where
+        nsqd's ``/stats`` answers, its ready count (read before RDY rises) says how many to wait for,
+        each up to ``connect_timeout_s`` (a fresh subscription on a busy host is slow); without
+        it, a burst ends after a short quiet. Late arrivals wait here for the next call.
+        """
+        target, wait, next_wait = max_messages, FETCH_FIRST_WAIT_S, FETCH_NEXT_WAIT_S
+        if len(self._fetched) < max_messages:
+            counts = await self.backlog()
+            if counts is not None:
+                target = min(max_messages, len(self._fetched) + (counts.ready or 0))
+                wait = next_wait = FETCH_FIRST_WAIT_S + self.settings.connect_timeout_s
+        if len(self._fetched) < target:
+            if self._reader is None:
+                self._paused = False
+                await self.start(self._keep_fetched, len(self._held) + max_messages)
+            else:
+                self._max_in_flight = len(self._held) + max_messages
+                self._reader.apply_rdy(self._max_in_flight)
+        while len(self._fetched) < target:
+            self._fetch_arrived.clear()
+            try:
+                await asyncio.wait_for(self._fetch_arrived.wait(), wait)
+            except TimeoutError:
+                break
+            wait = next_wait
+        taken, self._fetched = self._fetched[:max_messages], self._fetched[max_messages:]
+        if self._reader is not None:  # RDY 0: a FIN or REQ of what is held must not pull more
+            self._paused = True
+            self._reader.apply_rdy(0)
+        return taken
+
+    def _keep_fetched(self, message: Message) -> None:
+        self._fetched.append(message)
+        self._fetch_arrived.set()
+
+    async def settle_fetched(self, messages: Sequence[Message], *, ack: bool) -> None:
+        """FIN fetched messages, or ``REQ 0`` them: nsqd counts that as an attempt."""
+        if ack:
+            self.ack_nowait(messages)
+            return
+        for message in messages:
+            self._settle(message.receipt, "requeue")
 
     # ------------------------------------------------------------------ deliveries
     def _on_raw(self, conn: Any, raw: Any) -> None:
