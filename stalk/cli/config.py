@@ -251,19 +251,28 @@ def mask(key: str, value: object) -> object:
     """Return ``value`` fit to print: secrets as ``***``, URL passwords hidden."""
     if value is None or isinstance(value, bool | int | float):
         return value
+    if isinstance(value, list | tuple):
+        return [mask(key, item) for item in value]
     if _SECRET_KEY.search(key.rpartition(".")[2]):
         return "***"
     return _URL_PASSWORD.sub(r"\g<head>***@", str(value))
 
 
-def render(origin: Mapping[str, tuple[Any, str]], adapter: Mapping[str, Any] | None = None) -> str:
+def render(
+    origin: Mapping[str, tuple[Any, str]],
+    adapter: Mapping[str, Any] | None = None,
+    *,
+    backend: str = "",
+) -> str:
     """Return the ``--print-config`` text: ``key = value  # origin``, secrets masked."""
     import json
 
     rows = [(key, mask(key, value), where) for key, (value, where) in origin.items()]
     for key, value in (adapter or {}).items():
         if f"option.{key}" not in origin:
-            rows.append((f"option.{key}", mask(key, value), "adapter default or its env"))
+            name = f"STALK_{backend.upper()}_{key.upper()}"
+            where = f"env {name}" if name in os.environ else "default"
+            rows.append((f"option.{key}", mask(key, value), where))
     width = max(len(f"{k} = {json.dumps(v, default=str)}") for k, v, _ in rows)
     return "\n".join(
         f"{k} = {json.dumps(v, default=str)}".ljust(width) + f"  # {w}" for k, v, w in rows

@@ -224,6 +224,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         hint = f"see '{self.prog} --help'"
+        if "invalid choice: '" in message and "(choose from " in message:
+            word = message.split("invalid choice: '", 1)[1].split("'", 1)[0]
+            choices = message.split("(choose from ", 1)[1].rstrip(")").replace("'", "").split(", ")
+            message = message.replace(" (choose from", suggest(word, choices) + " (choose from", 1)
         sys.stderr.write(f"stalk: {message}; {hint}\n")
         raise SystemExit(EXIT_USAGE)
 
@@ -404,8 +408,9 @@ def build_parser() -> Parser:
         "peek",
         help="show messages of --source (an error topic) without consuming them",
         description="Show up to --limit messages of --source with every stalk-* attribute, "
-        "leaving them where they are (attempts unchanged). local and sqs read and release; "
-        "amqp gets and requeues; nsq takes and REQs 0 (nsqd counts that as an attempt).",
+        "leaving them where they are. local reads and releases (attempts unchanged); sqs reads "
+        "and sets visibility back to 0 (SQS counts each peek as a receive: peek error queues, "
+        "not live sources); amqp gets and requeues; nsq takes and REQs 0 (nsqd counts that as an attempt).",
         allow_abbrev=False,
     )
     _common(peek)

@@ -138,11 +138,11 @@ def print_config(args: argparse.Namespace, options: CollectorOptions) -> int:
 
     origin = dict(args.resolved)
     engine = options.model_dump()
-    for spec in ENGINE_FLAGS:  # show the engine's value where no layer set one
-        value, _ = origin.get(spec.dest, (None, "default"))
-        if value is None:
-            origin[spec.dest] = (engine[spec.dest], "default")
+    for key in (*(spec.dest for spec in ENGINE_FLAGS), "unflagged_error", "fatal_exceptions"):
+        value, _ = origin.get(key, (None, "default"))
+        if value is None:  # show the engine's value where no layer set one
+            origin[key] = (engine[key], "default")
     cls = registry.get(args.backend)
     adapter = build_settings(cls.settings_model, cls.name, dict(args.option)).model_dump()
-    print(settings_layer.render(origin, adapter))
+    print(settings_layer.render(origin, adapter, backend=cls.name))
     return 0

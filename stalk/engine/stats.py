@@ -103,8 +103,9 @@ class CollectorStats:
         ``attempts``: handler calls; ``acked``: handled and deleted; ``retried``: handed back
         for a later attempt; ``errors``: routed to the error topic, by reason; ``dropped``:
         unflagged errors dropped by choice; ``released``: given back unprocessed (shutdown,
-        sleep). The raw ``acked`` counter (and ``stalk_messages_acked_total``) also counts the
-        originals of error copies and drops, which leave the source the same way.
+        sleep). ``stalk_messages_acked_total`` on ``/metrics`` is this ``acked``; the raw
+        ``acked`` counter also counts the originals of error copies and drops, which leave the
+        source the same way.
         """
         errors = dict(self.errored)
         return {

@@ -77,7 +77,7 @@ def summary(snap: Snapshot, rate: float, *, bar: bool = False) -> str:
     parts += [
         f"{outcomes['retried']:,} retries",
         f"{errors:,} errors",
-        f"{snap.in_flight}/{snap.concurrency} busy",
+        f"{min(snap.in_flight, snap.concurrency)}/{snap.concurrency} busy",  # not prefetched
     ]
     line = " · ".join(parts)
     if bar and left is not None:

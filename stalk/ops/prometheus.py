@@ -31,7 +31,8 @@ KNOWN_REASONS = ("fatal", "retries_exhausted", "error", "too_large", "expired", 
 #: (name without ``_total``, help, CollectorStats attribute) of the plain counters.
 COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("stalk_messages_received", "Messages taken from the broker.", "received"),
-    ("stalk_messages_acked", "Messages deleted after success or after their error copy.", "acked"),
+    # the counts' one vocabulary (CollectorStats.outcomes): error copies and drops apart
+    ("stalk_messages_acked", "Messages handled and deleted.", "acked"),
     ("stalk_messages_retried", "Messages handed back to the broker with a delay.", "retried"),
     ("stalk_messages_dropped", "Unflagged errors dropped (unflagged_error=drop).", "dropped"),
     ("stalk_messages_released", "Messages given back unprocessed (shutdown).", "released"),
@@ -81,8 +82,10 @@ def families(snapshots: Sequence[Snapshot]) -> list[Family]:
     for snap in snapshots:
         labels = {"backend": snap.backend, "source": snap.source}
         stats = snap.stats
+        outcomes = stats.outcomes()
         for family, (_, _, attr) in zip(out, COUNTERS, strict=True):
-            family.samples.append((family.name + "_total", labels, getattr(stats, attr)))
+            value = outcomes[attr] if attr == "acked" else getattr(stats, attr)
+            family.samples.append((family.name + "_total", labels, value))
         for reason in sorted(set(KNOWN_REASONS) | set(stats.errored)):
             errored.samples.append(
                 (errored.name + "_total", {**labels, "reason": reason}, stats.errored[reason])

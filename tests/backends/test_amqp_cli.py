@@ -71,3 +71,25 @@ def test_amqp_until_empty_on_an_empty_queue_ends_without_the_quiet_period(amqp_u
                 "--max-polling-period", "3600")  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert "0 received" in ran.stdout
+
+
+def test_publisher_on_amqp_feeds_stalk_run(amqp_url: str) -> None:
+    import asyncio
+
+    from stalk import AsyncPublisher, Publisher
+
+    queue = f"day1-{uuid.uuid4().hex[:8]}"
+    with Publisher("amqp", source=queue, url=amqp_url) as orders:
+        orders.publish(b'{"order": 1}', attributes={"tenant": "a"})
+        orders.publish_batch(['{"order": 2}', '{"order": 3}'])
+
+    async def more() -> str:
+        async with AsyncPublisher("AMQP", source=queue, url=amqp_url) as events:
+            return await events.publish('{"order": 4}')
+
+    assert asyncio.run(more())
+    peeked = stalk(amqp_url, "peek", "--source", queue, "--json")
+    bodies = sorted(json.loads(line)["body"] for line in peeked.stdout.splitlines())
+    assert bodies == [f'{{"order": {i}}}' for i in range(1, 5)]
+    ran = stalk(amqp_url, "run", "workers.app:handler", "--source", queue, "--until-empty")
+    assert ran.returncode == 0 and "4 acked" in ran.stdout, ran.stderr

@@ -6,7 +6,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from tests.ops._proc import Stalk, local_send, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.ops._proc import Stalk, http, local_send, wait_until
 
 VOCABULARY = {"received", "attempts", "acked", "retried", "errors", "dropped", "released"}
 
@@ -32,6 +34,15 @@ def test_status_summary_and_stop_log_use_the_same_counts(tmp_path: Path) -> None
     assert set(messages) == VOCABULARY
     assert (messages["acked"], messages["retried"], messages["errors"]) == (2, 1, {"fatal": 1})
     assert status["backlog_age_s"] is None or status["backlog_age_s"] >= 0
+    _code, body, _ = http(port, "/metrics")
+    metrics = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.labels.get("reason") in (None, "fatal")
+    }
+    assert metrics["stalk_messages_acked_total"] == 2  # the same word, the same number
+    assert metrics["stalk_messages_errored_total"] == 1
     stalk.signal(signal.SIGTERM)
     assert stalk.wait() == 0, stalk.stderr
     assert "2 acked, 1 retried, 1 to error topic jobs-errors (fatal: 1)" in stalk.stdout

@@ -25,3 +25,12 @@ def refuse(body: bytes) -> Result:
 def parse(body: bytes) -> None:
     """Raise json.JSONDecodeError on bad input (a --fatal-exception in the tests)."""
     json.loads(body)
+
+
+def chatty(body: bytes) -> None:
+    """Log a line per message and take a moment, as a handler with its own logging does."""
+    import logging
+    import time
+
+    logging.getLogger("workers.chatty").info("handling %s", body.decode())
+    time.sleep(0.05)

@@ -91,6 +91,8 @@ def test_misspelt_flag_suggests_the_real_one_in_one_line() -> None:
         proc, 2, "--concurency", "did you mean --concurrency?", "stalk run --help"
     )
     assert "usage:" not in proc.stderr
+    assert_one_line_error(stalk("sned", "x"), 2, "did you mean send?")
+    assert_one_line_error(stalk("send", "--source", "q", "--dely", "5", "x"), 2, "--delay?")
 
 
 @pytest.mark.parametrize(
