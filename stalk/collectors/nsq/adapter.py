@@ -233,9 +233,9 @@ class NSQAdapter(PushAdapter):
 
         nsqd pushes: RDY is raised by ``max_messages`` over what is already held, what arrives
         is taken, then RDY drops to 0 so nothing more comes (held messages stay ackable). Where
-        nsqd's ``/stats`` answers, its ready count (read before RDY rises) says how many to wait for,
-        each up to ``connect_timeout_s`` (a fresh subscription on a busy host is slow); without
-        it, a burst ends after a short quiet. Late arrivals wait here for the next call.
+        nsqd's ``/stats`` answers, its ready count (read before RDY rises) says how many to wait
+        for, each up to ``connect_timeout_s`` (a fresh subscription on a busy host is slow);
+        without it, a burst ends after a short quiet. Late arrivals wait for the next call.
         """
         target, wait, next_wait = max_messages, FETCH_FIRST_WAIT_S, FETCH_NEXT_WAIT_S
         if len(self._fetched) < max_messages:
