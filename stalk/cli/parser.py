@@ -410,8 +410,9 @@ def build_parser() -> Parser:
         description="Show up to --limit messages of --source with every stalk-* attribute, "
         "leaving them where they are. local reads and releases (attempts unchanged); sqs reads "
         "and sets visibility back to 0 (SQS counts each peek as a receive: peek error queues, "
-        "not live sources); amqp gets and requeues; nsq takes and REQs 0 (nsqd counts that as "
-        "an attempt).",
+        "not live sources); amqp gets and requeues (marked redelivered, which a worker on a "
+        "classic queue counts as an attempt); nsq takes and REQs 0 (nsqd counts that as an "
+        "attempt).",
         allow_abbrev=False,
     )
     _common(peek)

@@ -99,11 +99,11 @@ def _exit_code(
 
 
 def cmd(args: argparse.Namespace) -> int:
+    if args.print_config:  # works before anything is complete: it is how one finds out
+        return print_config(args)
     adapter = make_adapter(args, args.error_topic)  # backend and --option errors come first
     options = collector_options(args)
     ops = ops_config(args)
-    if args.print_config:
-        return print_config(args, options)
     if ops.supervise:  # worker processes re-run this command line
         from stalk.ops.supervisor import Supervisor, worker_command
 
@@ -131,13 +131,13 @@ def cmd(args: argparse.Namespace) -> int:
     return _exit_code(args, code, collector.stats, adapter.error_topic)
 
 
-def print_config(args: argparse.Namespace, options: CollectorOptions) -> int:
+def print_config(args: argparse.Namespace) -> int:
     """Print the resolved settings with their origins, secrets masked; nothing is consumed."""
     from stalk.collectors import registry
     from stalk.collectors.base import build_settings
 
     origin = dict(args.resolved)
-    engine = options.model_dump()
+    engine = CollectorOptions().model_dump()
     for key in (*(spec.dest for spec in ENGINE_FLAGS), "unflagged_error", "fatal_exceptions"):
         value, _ = origin.get(key, (None, "default"))
         if value is None:  # show the engine's value where no layer set one

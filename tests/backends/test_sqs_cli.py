@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from tests.backends.test_sqs import raw_receive
-from tests.brokers.sqs import FAKE_AWS_ENV, create_queue
+from tests.brokers.sqs import FAKE_AWS_ENV, REGION, create_queue
 
 pytestmark = pytest.mark.broker("sqs")
 
@@ -75,3 +75,24 @@ def test_peek_reads_an_error_queue_without_consuming_it(sqs_endpoint: str) -> No
         (message,) = [json.loads(line) for line in peeked.stdout.splitlines()]
         assert message["body"] == "not json"
         assert message["attributes"]["stalk-reason"] == "fatal"
+
+
+def test_aws_region_works_as_the_error_message_says(sqs_endpoint: str) -> None:
+    """botocore reads only AWS_DEFAULT_REGION; stalk passes AWS_REGION through."""
+    queue = f"region-{uuid.uuid4().hex[:10]}"
+    create_queue(sqs_endpoint, queue)
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_DEFAULT_REGION", "AWS_REGION")}
+    env.update({k: v for k, v in FAKE_AWS_ENV.items() if k != "AWS_DEFAULT_REGION"})
+    env["AWS_ENDPOINT_URL"] = sqs_endpoint
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stalk", *args], env={**env, **extra}, capture_output=True,
+            text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    missing = run("stats", "--backend", "sqs", "--source", queue)
+    assert missing.returncode == 2 and "AWS_REGION" in missing.stderr, missing.stderr
+    given = run("stats", "--backend", "sqs", "--source", queue, "--json", AWS_REGION=REGION)
+    assert given.returncode == 0, given.stderr
+    assert json.loads(given.stdout)["ready"] == 0

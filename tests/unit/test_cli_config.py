@@ -91,3 +91,12 @@ def test_print_config_masks_secrets(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert "hunter2-pw" not in out.stdout + out.stderr
     assert "amqp://app:***@127.0.0.1/" in config_line(out.stdout, "option.url")
+
+
+def test_print_config_works_before_the_settings_are_complete(tmp_path: Path) -> None:
+    shown = stalk("run", "workers.app:handler", "--print-config", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert config_line(shown.stdout, "source") == "source = null # default"
+    assert config_line(shown.stdout, "unflagged_error").startswith(
+        'unflagged_error = "error_topic"'
+    )

@@ -193,6 +193,9 @@ def test_import_failures_name_file_line_and_missing_dependency(tmp_path: Path) -
     assert "--traceback" in proc.stderr
     whole = stalk("run", "broken:handler", "--source", "q", "--traceback", db=db, cwd=tmp_path)
     assert whole.returncode == 2 and "Traceback (most recent call last)" in whole.stderr
+    debug = stalk("run", "broken:handler", "--source", "q", "--log-level", "debug", db=db,
+                  cwd=tmp_path)  # fmt: skip
+    assert debug.returncode == 2 and 'broken.py", line 3' in debug.stderr
     dep = stalk("run", "needsdep:handler", "--source", "q", db=db, cwd=tmp_path)
     assert_one_line_error(dep, 2, "'requestz'", "not installed", "needsdep.py:1", "dependency")
     assert "run from the directory" not in dep.stderr
@@ -276,3 +279,31 @@ def test_send_stdin_sends_blank_looking_lines_and_says_what_it_skipped(tmp_path:
     assert "skipped 2 empty line(s)" in proc.stderr
     bodies = sorted(str(m["body"]) for m in peek_json(db, "q"))
     assert bodies == ["   ", "one", "two"]
+
+
+def test_the_traceback_on_an_error_copy_is_bounded() -> None:
+    from stalk.message import MAX_TRACEBACK_TEXT, TRACEBACK_FRAMES, Failure, Message
+
+    def deep(n: int) -> None:
+        if n == 0:
+            raise RuntimeError("x" * 10_000)
+        deep(n - 1)
+
+    try:
+        deep(50)
+    except RuntimeError as exc:
+        error = exc
+    failure = Failure.build(Message("1", b""), "retries_exhausted", error)
+    text = failure.to_attributes()["stalk-traceback"]
+    assert len(text) <= MAX_TRACEBACK_TEXT
+    assert text.count("in deep") <= TRACEBACK_FRAMES
+    short = Failure.build(Message("1", b""), "fatal", _raised(KeyError("customer")))
+    assert short.traceback.count("\n  File ") <= TRACEBACK_FRAMES
+    assert short.traceback.endswith("KeyError: 'customer'")
+
+
+def _raised(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
