@@ -11,6 +11,7 @@ StalkError                      base of everything stalk raises on purpose
       └── MessageTooLarge       publish refused: the body is over the size limit
 
 Fatal                           raise from a handler: the message goes straight to the error topic
+InvalidResult (ValueError)      a Result that cannot be carried out (a delay that is nan, inf, < 0)
 HandlerTimeout                  carried by the retry of a handler that ran over handler_timeout_s
 ```
 
@@ -54,6 +55,13 @@ class MessageTooLarge(BackendError):
 
 class Fatal(Exception):
     """Raise from a handler to send the message straight to the error topic, without retries."""
+
+
+class InvalidResult(ValueError):
+    """A handler built a Result that cannot be carried out: a retry delay that is not a finite
+    number of seconds >= 0. Raised where the Result is made, so the traceback points at the
+    handler's bug; the engine routes the message as fatal, like a wrong return type, because
+    retrying runs the same bug again."""
 
 
 class HandlerTimeout(Exception):

@@ -34,7 +34,8 @@ class CollectorOptions(BaseModel):
     max_retries: int = Field(default=5, ge=0)
     #: Base of the exponential retry backoff (full jitter) when a retry names no delay.
     retry_interval_s: float = Field(default=1.0, ge=0)
-    #: Cap of the retry backoff.
+    #: Cap of the retry backoff, and of a delay a handler names (``retry(delay=...)``): a
+    #: longer one is shortened to this, so a bug cannot park a message for days.
     max_retry_delay_s: float = Field(default=300.0, ge=0)
     #: Handlers running at once (async tasks, or threads for sync handlers).
     concurrency: int = Field(default=1, ge=1, le=MAX_CONCURRENCY)

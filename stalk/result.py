@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from stalk.errors import InvalidResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +21,9 @@ class Result:
         error: why the message failed (an exception or a text), or ``None``.
         retry: try again later, up to ``max_retries`` times.
         fatal: never try again; route to the error topic.
-        delay: seconds before the retry; ``None`` lets the engine back off.
+        delay: seconds before the retry; ``None`` lets the engine back off. A finite number
+            >= 0, else :class:`~stalk.errors.InvalidResult` here (the message then goes to the
+            error topic as ``fatal``); the engine caps it at ``max_retry_delay_s``.
     """
 
     error: BaseException | str | None = None
@@ -27,8 +32,15 @@ class Result:
     delay: float | None = None
 
     def __post_init__(self) -> None:
-        if self.delay is not None and self.delay < 0:
-            raise ValueError(f"Result.delay must be >= 0 seconds, got {self.delay!r}")
+        delay = self.delay
+        if delay is None:
+            return
+        if isinstance(delay, bool) or not isinstance(delay, int | float):
+            raise InvalidResult(
+                f"Result.delay must be a number of seconds, got {type(delay).__name__} {delay!r}"
+            )
+        if not math.isfinite(delay) or delay < 0:
+            raise InvalidResult(f"Result.delay must be finite and >= 0 seconds, got {delay!r}")
 
     @property
     def is_ok(self) -> bool:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-pytest_plugins = sorted(
-    f"tests.brokers.{path.stem}"
-    for path in (Path(__file__).parent / "brokers").glob("*.py")
-    if not path.stem.startswith("_")
-)
+pytest_plugins = [
+    *sorted(
+        f"tests.brokers.{path.stem}"
+        for path in (Path(__file__).parent / "brokers").glob("*.py")
+        if not path.stem.startswith("_")
+    ),
+    "tests.backends._every",  # every_backend: one test on each backend
+]

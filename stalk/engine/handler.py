@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from stalk.batching import BATCH_ATTRIBUTE, BatchSpec
-from stalk.errors import Fatal, HandlerImportError
+from stalk.errors import Fatal, HandlerImportError, InvalidResult
 from stalk.message import Message
 from stalk.result import OK, Result
 
@@ -214,6 +214,6 @@ def to_result(value: object, handler_name: str) -> Result:
 
 def from_exception(exc: BaseException, fatal_types: tuple[type[BaseException], ...]) -> Result:
     """Turn a raised exception into a Result: retry, or fatal for ``Fatal`` and the listed types."""
-    if isinstance(exc, Fatal) or (fatal_types and isinstance(exc, fatal_types)):
+    if isinstance(exc, Fatal | InvalidResult) or (fatal_types and isinstance(exc, fatal_types)):
         return Result(error=exc, fatal=True)
     return Result(error=exc, retry=True)

@@ -144,6 +144,10 @@ class PollIntake(Intake):
         self._task: asyncio.Task[None] | None = None
         #: Set while the collector is awake or draining: the loop waits on it while asleep.
         self._awake = asyncio.Event()
+        #: One message at a time, run alone, while what comes back was delivered before (see
+        #: :meth:`_lease_alone`).
+        self.careful = True
+        self._alone = 0
 
     async def start(self, awake: bool) -> None:
         if awake:
@@ -190,6 +194,11 @@ class PollIntake(Intake):
                 return
             capacity, lease_size = host.capacity, host.lease_size
             room = inflight.free(capacity)
+            if self.careful:
+                if inflight:  # the one message leased alone is still being handled
+                    await inflight.changed()
+                    continue
+                room = lease_size = 1
             if room <= 0:
                 await inflight.changed()
                 continue
@@ -222,12 +231,32 @@ class PollIntake(Intake):
                     if host.state != "asleep":
                         return
                     continue
+                if self.careful:
+                    self._lease_alone(messages)
                 host.accept(messages)
                 continue
             if self._until_empty and await host.drained():
                 host.stop_drained()
                 return
             await self._idle(backoff.next() - (time.monotonic() - started))
+
+    def _lease_alone(self, messages: Sequence[Message]) -> None:
+        """Stay careful while leased messages were delivered before; a fresh one ends it.
+
+        A worker that died on a message (``os._exit``, a segfault, the OOM killer) left every
+        message it had leased with that delivery counted, the pill's batch-mates and prefetched
+        messages too. Were the next worker to lease them together again, each death would count
+        against all of them, and the innocent ones would reach ``max_retries + 1`` deliveries
+        and the error topic as ``poison`` with the pill. Leased one at a time and run alone, a
+        pill that kills this worker too is counted alone. The cost is paid only after a start,
+        only while the source hands back messages delivered before, and for at most as many as
+        one worker holds (``capacity``: what a dead worker like this one can have left counted),
+        so a backlog of ordinary retries is not worked one by one.
+        """
+        self._alone += len(messages)
+        if all(m.attempt <= 1 for m in messages) or self._alone >= self.host.capacity:
+            self.careful = False
+            logger.debug("leasing in batches again after %d leased alone", self._alone)
 
     async def _gather_slots(self, free: int, want: int) -> int:
         """Wait a moment for more slots to free up, so one poll fetches a batch, not one message
@@ -273,6 +302,10 @@ class PushIntake(Intake):
         self._started = False
         self._begun = False
         self._watching = False
+        #: The broker's limit stays 1 while what it delivers was delivered before (the poll
+        #: intake's ``careful``, for the same reason: see ``PollIntake._lease_alone``).
+        self.careful = True
+        self._alone = 0
 
     async def start(self, awake: bool) -> None:
         self._begun = True
@@ -284,10 +317,18 @@ class PushIntake(Intake):
     async def _start_delivery(self) -> None:
         if not self._started:
             self._started = True
-            await self.adapter.start(self._deliver, self.host.running_slots)
+            await self.adapter.start(self._deliver, 1 if self.careful else self.host.running_slots)
 
     def _deliver(self, message: Message) -> None:
         host = self.host
+        if self.careful:
+            self._alone += 1
+            fresh = message.attempt <= 1 and not message.redelivered
+            if fresh or self._alone >= host.capacity:
+                self.careful = False
+                logger.debug("delivery limit back to %d after %d alone", host.running_slots,
+                             self._alone)  # fmt: skip
+                self.scale(host.concurrency)
         if host.state in ("draining", "stopped"):
             host.tasks.spawn(host.release(message), "stalk-release")
             return
@@ -301,6 +342,8 @@ class PushIntake(Intake):
         self.host.tasks.spawn(self.adapter.pause(), "stalk-pause")
 
     def scale(self, concurrency: int) -> None:
+        if self.careful:  # the limit rises once the first fresh message arrives
+            return
         self.host.tasks.spawn(
             self.adapter.set_max_in_flight(self.host.running_slots), "stalk-scale"
         )

@@ -155,6 +155,6 @@ def decide(
         return ACK
     if attempt > policy.max_retries:
         return RouteToError("retries_exhausted")
-    if result.delay is not None:
-        return RetryLater(result.delay)
+    if result.delay is not None:  # finite and >= 0: Result checked it when it was made
+        return RetryLater(min(result.delay, policy.max_retry_delay_s))
     return RetryLater(full_jitter(policy.retry_interval_s, attempt, policy.max_retry_delay_s, rand))

@@ -39,3 +39,19 @@ def leaky(body: bytes, message: Message) -> Result | None:
         f"with aws_secret_access_key={secret} (secret {secret})",
         delay=60,
     )
+
+
+def poison_pill(body: bytes) -> None:
+    """Record every call in ``STALK_TEST_LOG``; kill the worker process on the body ``pill``.
+
+    The record is written and fsynced before the kill, so a test counts the deliveries that
+    reached the handler even of a process that never returned.
+    """
+    fd = os.open(os.environ["STALK_TEST_LOG"], os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, body + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if body == b"pill":
+        os._exit(1)
