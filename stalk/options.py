@@ -34,9 +34,12 @@ class CollectorOptions(BaseModel):
     max_retries: int = Field(default=5, ge=0)
     #: Base of the exponential retry backoff (full jitter) when a retry names no delay.
     retry_interval_s: float = Field(default=1.0, ge=0)
-    #: Cap of the retry backoff, and of a delay a handler names (``retry(delay=...)``): a
-    #: longer one is shortened to this, so a bug cannot park a message for days.
+    #: Cap of the retry backoff (retries that name no delay).
     max_retry_delay_s: float = Field(default=300.0, ge=0)
+    #: Longest delay a handler may name (``retry(delay=...)``); a longer one is shortened to
+    #: this, so a bug (``1e12``) cannot park a message for years. Separate from the backoff
+    #: cap: as in Celery and Dramatiq, a named delay of an hour is kept, not cut to the backoff's.
+    max_named_delay_s: float = Field(default=7 * 86400.0, ge=0)
     #: Handlers running at once (async tasks, or threads for sync handlers).
     concurrency: int = Field(default=1, ge=1, le=MAX_CONCURRENCY)
     #: Most messages asked of the broker in one lease; ``None`` = the backend's largest

@@ -73,6 +73,7 @@ class EnvSettings(BaseSettings):
     max_retries: int | None = None
     retry_interval_s: float | None = None
     max_retry_delay_s: float | None = None
+    max_named_delay_s: float | None = None
     polling_period_s: float | None = None
     max_polling_period_s: float | None = None
     handler_timeout_s: float | None = None

@@ -88,6 +88,15 @@ ENGINE_FLAGS: tuple[Flag, ...] = (
         "S",
     ),
     Flag(
+        "--max-named-delay",
+        "max_named_delay_s",
+        float,
+        "longest delay a handler may name with retry(delay=...); longer ones are shortened",
+        "604800.0",
+        "max_named_delay_s",
+        "S",
+    ),
+    Flag(
         "--polling-period",
         "polling_period_s",
         float,

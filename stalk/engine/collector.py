@@ -70,6 +70,7 @@ class BaseCollector:
             opts.unflagged_error,
             opts.max_message_bytes,
             opts.message_ttl_s,
+            opts.max_named_delay_s,
         )
         self.state: State = "asleep"
         self.concurrency = opts.concurrency

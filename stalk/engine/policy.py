@@ -83,6 +83,8 @@ class RetryPolicy:
     max_message_bytes: int | None = None
     #: Oldest message (by ``enqueued_at``) handed to the handler; older ones are ``expired``.
     message_ttl_s: float | None = None
+    #: Longest delay a handler may name; longer ones are shortened to it.
+    max_named_delay_s: float = 7 * 86400.0
 
 
 def admit(message: Message, now: float, policy: RetryPolicy) -> Admission:
@@ -156,5 +158,5 @@ def decide(
     if attempt > policy.max_retries:
         return RouteToError("retries_exhausted")
     if result.delay is not None:  # finite and >= 0: Result checked it when it was made
-        return RetryLater(min(result.delay, policy.max_retry_delay_s))
+        return RetryLater(min(result.delay, policy.max_named_delay_s))
     return RetryLater(full_jitter(policy.retry_interval_s, attempt, policy.max_retry_delay_s, rand))

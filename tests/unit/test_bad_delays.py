@@ -1,6 +1,6 @@
 """Issue 14, hole 3: a retry delay that is nan, inf, negative or not a number is the handler's
 bug, refused where the Result is made and routed as ``fatal`` like a wrong return type; a finite
-delay past ``max_retry_delay_s`` is shortened to it (no message parked for days)."""
+delay past ``max_named_delay_s`` is shortened to it (no message parked for days)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ def test_a_bad_delay_is_refused_where_the_result_is_made(delay: Any) -> None:
         Result(error="x", retry=True, delay=delay)
 
 
-@pytest.mark.parametrize("delay", [0, 0.0, 1, 2.5, 1e12])
-def test_finite_delays_are_taken_and_capped_at_max_retry_delay(delay: float) -> None:
-    policy = RetryPolicy(max_retries=3, retry_interval_s=1.0, max_retry_delay_s=300.0)
-    assert decide(retry("x", delay=delay), 1, policy) == RetryLater(min(delay, 300.0))
+@pytest.mark.parametrize("delay", [0, 0.0, 1, 2.5, 3600, 1e12])
+def test_finite_delays_are_taken_and_capped_at_max_named_delay(delay: float) -> None:
+    """The backoff cap (300 s) does not shorten a named hour; the named-delay cap stops 1e12."""
+    policy = RetryPolicy(
+        max_retries=3, retry_interval_s=1.0, max_retry_delay_s=300.0, max_named_delay_s=86400.0
+    )
+    assert decide(retry("x", delay=delay), 1, policy) == RetryLater(min(delay, 86400.0))
 
 
 @pytest.mark.parametrize("delay", [math.nan, math.inf, -5.0], ids=repr)
