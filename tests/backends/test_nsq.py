@@ -238,9 +238,15 @@ def _ready_counts(server: NSQD, topic: str) -> list[int]:
 def test_sleep_is_rdy_0_and_wake_restores_it(nsq_harness: NSQHarness) -> None:
     async def scenario() -> None:
         source = await fresh(nsq_harness)
-        c = collect(nsq_harness, source, Recorder(), concurrency=3)
+        recorder = Recorder()
+        c = collect(nsq_harness, source, recorder, concurrency=3)
         server = nsq_harness.server
         async with Running(c):
+            # The engine starts careful (RDY 1) and raises the limit once a fresh message
+            # arrives: a redelivered poison pill must not take several workers with it.
+            await wait_for(lambda: _ready_counts(server, source) == [1], PATIENCE_S, "RDY 1")
+            await publish(nsq_harness, source, [b"fresh"])
+            await wait_for(lambda: len(recorder.done) == 1, PATIENCE_S, "the fresh message")
             await wait_for(lambda: _ready_counts(server, source) == [3], PATIENCE_S, "RDY 3")
             c.sleep()
             await wait_for(lambda: _ready_counts(server, source) == [0], PATIENCE_S, "RDY 0")
