@@ -34,3 +34,10 @@ def chatty(body: bytes) -> None:
 
     logging.getLogger("workers.chatty").info("handling %s", body.decode())
     time.sleep(0.05)
+
+
+async def cancels(body: bytes) -> None:
+    """Raise the handler's own CancelledError (not stalk's cancellation): hole 2 of issue 14."""
+    import asyncio
+
+    raise asyncio.CancelledError("the handler gave up")
