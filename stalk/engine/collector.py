@@ -369,9 +369,12 @@ class BaseCollector:
                 loop.add_signal_handler(number, control)
 
     def _step_scale(self, delta: int) -> None:
-        if self.state in ("draining", "stopped") or self.concurrency + delta < 1:
+        """SIGTTIN/SIGTTOU: one slot more or less, never past the bounds (a signal handler has
+        nobody to raise to)."""
+        wanted = self.concurrency + delta
+        if self.state in ("draining", "stopped") or not 1 <= wanted <= MAX_CONCURRENCY:
             return
-        self.scale(self.concurrency + delta)
+        self.scale(wanted)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         if self.state == "draining":

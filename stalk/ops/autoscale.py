@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from stalk.engine.policy import Action
 from stalk.errors import ConfigError
 from stalk.message import Message
+from stalk.options import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
     from stalk.engine.collector import BaseCollector
@@ -65,7 +66,7 @@ def parse_bounds(text: str) -> tuple[int, int]:
     """Parse ``MIN:MAX`` (or a single ``MAX``, meaning ``1:MAX``).
 
     Raises:
-        ConfigError: not two integers with 1 <= MIN <= MAX.
+        ConfigError: not two integers with 1 <= MIN <= MAX <= ``MAX_CONCURRENCY``.
     """
     low, sep, high = text.partition(":")
     try:
@@ -74,6 +75,11 @@ def parse_bounds(text: str) -> tuple[int, int]:
         raise ConfigError(f"--autoscale expects MIN:MAX, e.g. 2:16; got {text!r}") from None
     if not 1 <= minimum <= maximum:
         raise ConfigError(f"--autoscale needs 1 <= MIN <= MAX; got {text!r}")
+    if maximum > MAX_CONCURRENCY:  # the collector would refuse the scale() mid-run
+        raise ConfigError(
+            f"--autoscale MAX is at most {MAX_CONCURRENCY} per process (run more processes for "
+            f"more); got {text!r}"
+        )
     return minimum, maximum
 
 

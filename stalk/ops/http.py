@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from stalk.ops.prometheus import MetricsExporter
 from stalk.ops.status import Snapshot
+from stalk.options import MAX_CONCURRENCY
 
 if TYPE_CHECKING:
     from stalk.engine.collector import BaseCollector
@@ -43,8 +44,6 @@ MAX_LINE_BYTES = 8192
 MAX_HEADERS = 64
 #: Largest request body read (only ``/scale`` looks at one).
 MAX_BODY_BYTES = 65536
-#: Highest concurrency ``/scale`` accepts (CollectorOptions' own limit).
-MAX_CONCURRENCY = 10_000
 
 
 class Control(Protocol):
@@ -261,6 +260,8 @@ class ControlServer:
             concurrency = int(values[-1]) if values else 0
         except ValueError:
             concurrency = 0
+        # One cap for every way in (options, scale(), /scale, --autoscale, SIGTTIN): the
+        # collector's own, so a request it would refuse is a 400 here, not a 500 there.
         if not 1 <= concurrency <= MAX_CONCURRENCY:
             return _json(
                 400, {"error": f"concurrency must be an integer from 1 to {MAX_CONCURRENCY}"}

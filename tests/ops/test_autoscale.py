@@ -12,6 +12,7 @@ from stalk.collectors.memory import MemoryAdapter, MemoryBroker
 from stalk.errors import ConfigError
 from stalk.ops.autoscale import Autoscaler, AutoscaleSettings, Window, decide, parse_bounds
 from stalk.ops.runner import poll_backlog
+from stalk.options import MAX_CONCURRENCY
 from stalk.testing.harness import FAST_OPTIONS, wait_for
 
 SETTINGS = AutoscaleSettings(2, 20, up_after_s=3, down_after_s=20)
@@ -42,6 +43,13 @@ def test_shrinks_to_the_target_use_and_not_below_min() -> None:
 def test_dead_band_between_the_triggers_keeps_concurrency() -> None:
     steady = window(0.6, 7.0, True)  # 70% use: neither saturated nor idle
     assert decide(10, steady, steady, SETTINGS) == 10
+
+
+def test_autoscale_bounds_stop_at_the_concurrency_cap() -> None:
+    """Hole 9: ``--autoscale 1:5000`` was accepted and failed in ``scale()`` once it grew."""
+    assert parse_bounds(f"1:{MAX_CONCURRENCY}") == (1, MAX_CONCURRENCY)
+    with pytest.raises(ConfigError, match=f"at most {MAX_CONCURRENCY}"):
+        parse_bounds(f"1:{MAX_CONCURRENCY + 1}")
 
 
 def test_parse_bounds() -> None:

@@ -20,6 +20,7 @@ from stalk.errors import BackendUnavailable
 from stalk.ops.http import CollectorControl, ControlServer
 from stalk.ops.prometheus import KNOWN_REASONS, MetricsExporter, StalkMetrics
 from stalk.ops.status import Snapshot
+from stalk.options import MAX_CONCURRENCY
 from stalk.testing.harness import FAST_OPTIONS, wait_for
 from tests.ops._proc import http
 
@@ -88,6 +89,34 @@ def test_status_sleep_wake_scale_over_http() -> None:
                 code, body, _ = await get(server.port, f"/scale?concurrency={bad}", "POST")
                 assert code == 400 and "concurrency must be" in json.loads(body)["error"]
             assert (await get(server.port, "/scale", "POST"))[0] == 400
+        finally:
+            await collector.stop(2)
+            await server.close()
+
+    run(scenario)
+
+
+def test_scale_over_http_has_the_collectors_cap() -> None:
+    """Hole 9 of issue 14: /scale had its own cap (10,000) over the collector's (1024), so
+    ``/scale?concurrency=2000`` passed the server and failed in ``scale()``: one cap, a 400."""
+
+    async def scenario() -> None:
+        async def handler(body: bytes) -> None:
+            return None
+
+        collector = make(MemoryBroker(), "q", handler)
+        server = ControlServer(CollectorControl(collector), port=0)
+        assert await server.start()
+        await collector.start()
+        try:
+            code, body, _ = await get(
+                server.port, f"/scale?concurrency={MAX_CONCURRENCY + 1}", "POST"
+            )
+            assert code == 400, body
+            assert f"from 1 to {MAX_CONCURRENCY}" in json.loads(body)["error"]
+            assert collector.concurrency == 1
+            code, body, _ = await get(server.port, f"/scale?concurrency={MAX_CONCURRENCY}", "POST")
+            assert code == 200 and json.loads(body)["concurrency"] == MAX_CONCURRENCY
         finally:
             await collector.stop(2)
             await server.close()

@@ -134,6 +134,13 @@ def test_scale_is_capped() -> None:
         CollectorOptions(concurrency=MAX_CONCURRENCY + 1)
 
 
+def test_sigttin_at_the_cap_is_ignored_not_an_error_in_a_signal_handler() -> None:
+    """Hole 9: SIGTTIN at the cap raised ConfigError inside the loop's signal handler."""
+    c = collector(MemoryBroker(), lambda body: None, concurrency=MAX_CONCURRENCY)
+    c._step_scale(+1)
+    assert c.concurrency == MAX_CONCURRENCY
+
+
 # ---------------------------------------------------------------- batch handlers
 def test_batch_results_shapes() -> None:
     batch = [Message(str(i), b"") for i in range(3)]
