@@ -82,6 +82,10 @@ class BaseCollector:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: Executor | None = None
         self.tasks = TaskSet(logger, "collector")
+        #: Releases of deliveries that arrived while draining (not in the in-flight ledger):
+        #: shutdown waits for them before it cancels tasks, as a release may be a broker round
+        #: trip (AMQP's confirmed copy) and one cut short is a redelivery that spends an attempt.
+        self._releasing: set[asyncio.Task[Any]] = set()
         self.inflight = InFlight()
         self._settler = Settler(self.adapter, self.stats, self._policy, self.tasks, self.inflight)
         self._intake: Intake = intake_for(self, adapter)
@@ -276,7 +280,13 @@ class BaseCollector:
 
     async def release(self, message: Message) -> None:
         """Give ``message`` back unprocessed."""
-        await self._settler.release(message)
+        task = asyncio.current_task()
+        if task is not None:
+            self._releasing.add(task)
+        try:
+            await self._settler.release(message)
+        finally:
+            self._releasing.discard(task)
 
     def _lapsed(self, message: Message) -> None:
         """A prefetched message's lease lapsed before a handler took it: another worker may hold
@@ -460,6 +470,8 @@ class BaseCollector:
         for message in executor.take_unstarted():
             await self._settler.release(message)
         await self._settle_pending(grace_s=max(1.0, grace_s))
+        if self._releasing:
+            await asyncio.wait(set(self._releasing), timeout=max(1.0, grace_s))
         await executor.shutdown()
         self.tasks.cancel()
         try:

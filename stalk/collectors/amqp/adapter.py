@@ -8,10 +8,10 @@ Flow control
 
 Settling
     ``ack`` after handling, batched: one ``basic.ack(multiple)`` covers a batch up to the oldest
-    delivery still unsettled; each delivery is settled at most once. ``release`` =
-    ``basic.nack(requeue)``. Every publish stalk makes (retry, error copy, poison count, ``stalk
-    send``) uses a second channel in confirm mode with ``mandatory`` and returns only after the
-    confirm; the original is acked only after it.
+    delivery still unsettled; each delivery is settled at most once. ``release`` is a
+    confirmed copy (see Release below). Every publish stalk makes (retry, error copy, poison
+    count, release, ``stalk send``) uses a second channel in confirm mode with ``mandatory`` and
+    returns only after the confirm; the original is acked only after it.
 
 Delayed retry, no plugin
     A retry is a copy in ``<source>.stalk-delay.<ms>``, a queue with that TTL dead-lettering back
@@ -27,8 +27,16 @@ Attempts and poison messages
     engine's policy decides: an uncounted redelivery is first counted in the broker (the engine
     calls ``retry_later(message, 0)``: a confirmed copy with ``stalk-attempt`` + 1, then the ack),
     and a message delivered more than ``max_retries + 1`` times goes to the error topic as
-    ``poison``. Cost on classic queues: RabbitMQ cannot tell a crash from a release on shutdown, so
-    a release also spends an attempt, and the counted copy goes to the back of the queue.
+    ``poison``. Cost on classic queues: the counted copy goes to the back of the queue.
+
+Release
+    RabbitMQ cannot tell a crash from a ``basic.nack(requeue)``, so a release stalk makes itself
+    (shutdown, sleep, a grace that ran out) is a confirmed copy with the same attempt, then the
+    ack: it spends no attempt and never makes a healthy message ``poison``. The copy goes to the
+    back of the queue; a nack is the fallback when the copy cannot be published. One count
+    remains on quorum queues that stalk cannot avoid: a prefetch change cancels and re-consumes,
+    and a delivery RabbitMQ sends to the old consumer while the cancel is under way is returned
+    by the broker with ``x-delivery-count`` + 1.
 
 Error topic
     A durable queue (``--error-topic``, default ``<source>-errors``) of the source's type: body
@@ -86,7 +94,7 @@ AMQP_FEATURES = AdapterFeatures(
     ordering=True,  # one queue, one consumer: RabbitMQ keeps publish order
     persistent=True,
     visibility_timeout=False,
-    release_keeps_attempt=False,  # a requeue is redelivered: counted (see the docstring)
+    release_keeps_attempt=True,  # a release is a copy with the same attempt (see the docstring)
     backlog=True,
 )
 
@@ -240,8 +248,35 @@ class AMQPAdapter(PushAdapter):
             logger.info("%d acks skipped: RabbitMQ redelivers those", len(messages) - done)
 
     async def release(self, message: Message) -> None:
-        """Nack with requeue; a delivery whose channel died is already back in the queue."""
-        await self._consumer_ready().book.nack(message.receipt)
+        """Give back a message stalk did not handle (shutdown, sleep) without spending an attempt.
+
+        Why not ``basic.nack(requeue)``: RabbitMQ cannot tell stalk's own release from a worker
+        that died, so the requeued message came back ``redelivered`` (classic) or with
+        ``x-delivery-count`` + 1 (quorum), and after a few deploys whose grace ran out healthy
+        messages went to the error topic as ``poison``. So a confirmed copy with the same attempt
+        goes to the source queue (to its back) and the original is acked. If the copy cannot be
+        published the nack is the fallback: nothing is lost, at the price of an attempt. A
+        delivery whose channel died is already back in the queue.
+        """
+        raw: DeliveredMessage = message.receipt
+        book = self._consumer_ready().book
+        if not book.holds(raw):
+            return
+        # An uncounted redelivery (its worker died) keeps that delivery counted in the copy.
+        uncounted = message.redelivered and not message.deliveries_counted
+        headers = topo.republish_headers(
+            raw.header.properties.headers,
+            message.attributes,
+            topo.attempt_header(message.attempt + (1 if uncounted else 0)),
+        )
+        copy = broker.copy_of(message.body, headers, message.id, raw.header.properties)
+        try:
+            await self._ready().send(self._source, copy)
+        except BackendError as exc:
+            logger.warning("release of %s by a copy failed (%s); requeued instead", message.id, exc)
+            await book.nack(raw)
+            return
+        await self.ack([message])
 
     async def retry_later(self, message: Message, delay_s: float) -> None:
         """Publish a copy (attempt + 1) to the delay bucket, await the confirm, ack the original.
