@@ -93,3 +93,21 @@ def test_publisher_on_amqp_feeds_stalk_run(amqp_url: str) -> None:
     assert bodies == [f'{{"order": {i}}}' for i in range(1, 5)]
     ran = stalk(amqp_url, "run", "workers.app:handler", "--source", queue, "--until-empty")
     assert ran.returncode == 0 and "4 acked" in ran.stdout, ran.stderr
+
+
+def test_amqp_until_empty_waits_for_the_delay_queues_an_earlier_process_left(
+    amqp_url: str,
+) -> None:
+    """Hole 8 of issue 14: messages waiting in ``<source>.stalk-delay.<ms>`` (here from ``send
+    --delay``, as a stopped worker's pending retries would be) are part of the source: a fresh
+    ``--until-empty`` run waits for them to come back and handles them, instead of exiting 0
+    with the delay queue still full."""
+    queue = f"day1-{uuid.uuid4().hex[:8]}"
+    bodies = [f'{{"order": {i}}}' for i in range(5)]
+    sent = stalk(amqp_url, "send", "--source", queue, "--delay", "2", *bodies)
+    assert sent.returncode == 0, sent.stderr
+    ran = stalk(amqp_url, "run", "workers.app:handler", "--source", queue, "--until-empty")
+    assert ran.returncode == 0, ran.stderr
+    assert "5 acked" in ran.stdout, ran.stdout
+    counts = json.loads(stalk(amqp_url, "stats", "--source", queue, "--json").stdout)
+    assert (counts["ready"], counts["delayed"]) == (0, 0)

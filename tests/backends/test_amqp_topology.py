@@ -95,3 +95,14 @@ def test_adapter_needs_no_bind_for_defaults_and_never_sees_the_retry_limit() -> 
     assert not hasattr(adapter, "max_retries"), "policy (the retry limit) lives in the engine"
     with pytest.raises(ConfigError, match="no option 'max_retries'"):
         AMQPAdapter.from_options("q", None, {"max_retries": "3"})
+
+
+def test_every_bucket_a_delay_can_get_is_in_all_buckets() -> None:
+    """Hole 8: ``backlog()`` finds an earlier process's delay queues by these names."""
+    from stalk.collectors.amqp.topology import MAX_DELAY_MS, all_buckets, bucket_ms
+
+    every = all_buckets()
+    assert list(every) == sorted(set(every)) and every[-1] == MAX_DELAY_MS
+    delays = [0.01, 0.0105, 0.9999, 1.0, 2.0, 2.2, 2.26, 5.0, 20.0, 299.0, 86400.0, 1e7, 1e12]
+    for delay_s in delays + [x / 1000 for x in range(10, 100_000, 7)]:
+        assert bucket_ms(delay_s) in every, delay_s

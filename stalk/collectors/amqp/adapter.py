@@ -51,12 +51,14 @@ Reconnect
 
 Limits
     RabbitMQ's ``consumer_timeout`` (30 min by default) closes the channel under a longer handler;
-    AMQP has no lease to extend, so ``extend`` is a no-op. ``backlog().delayed`` counts only the
-    delay buckets this process used; ``in_flight`` is unknown without the management API.
+    AMQP has no lease to extend, so ``extend`` is a no-op. ``backlog().delayed`` counts every
+    delay bucket of the source by name (an earlier process's too); ``in_flight`` is unknown
+    without the management API.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -121,6 +123,11 @@ class AMQPAdapter(PushAdapter):
         self._deliver: Deliver | None = None
         #: delay bucket (ms) -> monotonic time it was last declared; outlives a reconnect.
         self._buckets: dict[int, float] = {}
+        #: Delay buckets of the source found by the scan of every bucket name (once), the index
+        #: of the next name that scan probes, and the lock that keeps counts one at a time.
+        self._found_buckets: set[int] = set()
+        self._scan_next = 0
+        self._counting = asyncio.Lock()
         #: ``basic.get`` for peek and redrive, made on first use.
         self._getter: Getter | None = None
 
@@ -183,6 +190,8 @@ class AMQPAdapter(PushAdapter):
     def _on_reopen(self, *_: object) -> None:
         logger.info("channel to %s reopened; topology and consumer restored", self.describe())
         self._buckets.clear()  # a reset broker lost them: declare again
+        self._found_buckets.clear()  # and look for the buckets by name again
+        self._scan_next = 0
 
     # ------------------------------------------------------------------ flow control
     def _consumer_ready(self) -> Consumer:
@@ -323,16 +332,47 @@ class AMQPAdapter(PushAdapter):
         return message_id
 
     async def backlog(self) -> Backlog | None:
-        """Count ready messages of the source, the error queue and the delay buckets used here."""
+        """Count ready messages of the source, the error queue and every delay bucket of the
+        source: those used here and those an earlier process left (found by name once, see
+        :meth:`_scan_buckets`), so ``--until-empty`` waits for their retries to come back.
+
+        One count at a time per adapter (a lock): parallel channel opens while the broker
+        closes others' channels made RabbitMQ refuse the connection.
+        """
         self._ready()
-        assert self._conn is not None
-        names = [topo.delay_queue_name(self._source, ms) for ms in self._buckets]
-        delayed = [await broker.count(self._conn, name) for name in names]
-        return Backlog(
-            ready=await broker.count(self._conn, self._source),
-            delayed=sum(n or 0 for n in delayed) if names else None,
-            errors=await broker.count(self._conn, self._errors),
-        )
+        conn = self._conn
+        assert conn is not None
+        async with self._counting:
+            ready = await broker.count(conn, self._source)
+            errors = await broker.count(conn, self._errors)
+            names = [self._bucket(ms) for ms in self._found_buckets | set(self._buckets)]
+            delayed = sum(n or 0 for n in (await broker.count_many(conn, names)).values())
+            if not ready and not delayed and self._scan_next < len(topo.all_buckets()):
+                delayed += await self._scan_buckets(conn)
+        return Backlog(ready=ready, delayed=delayed, errors=errors)
+
+    def _bucket(self, ms: int) -> str:
+        return topo.delay_queue_name(self._source, ms)
+
+    async def _scan_buckets(self, conn: AbstractRobustConnection) -> int:
+        """Find the delay buckets of the source that exist, by name; return what they hold.
+
+        AMQP cannot list queues without the management plugin, but the bucket ladder is a fixed
+        list of ~150 names, probed with passive declares (~1 s on loopback). Done once per
+        connection, and only when the source looks drained (so a busy worker never pays it);
+        each missing name is one ``not_found`` line in RabbitMQ's log. A scan cut short (a
+        caller's timeout) resumes where it stopped. Later buckets are this process's own.
+        """
+        every = topo.all_buckets()
+        held = 0
+        while self._scan_next < len(every):
+            ms = every[self._scan_next]
+            found = await broker.count(conn, self._bucket(ms))
+            self._scan_next += 1
+            if found is not None and ms not in self._found_buckets:
+                self._found_buckets.add(ms)
+                held += found if ms not in self._buckets else 0
+        return held
 
     # ------------------------------------------------------------------ on request (Fetcher)
     async def fetch(self, max_messages: int) -> list[Message]:

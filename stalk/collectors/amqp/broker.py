@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -226,6 +227,18 @@ class Publisher:
             raise BackendUnavailable(
                 f"publish to {queue!r} not confirmed: {reply_text(exc)}"
             ) from None
+
+
+async def count_many(
+    connection: AbstractRobustConnection, queues: Sequence[str]
+) -> dict[str, int | None]:
+    """Return :func:`count` of each queue.
+
+    One after the other: a missing queue closes its probe's channel, and opening channels in
+    parallel while the broker closes others made RabbitMQ refuse the connection ("second
+    'channel.open' seen"), so the probes stay sequential (~5 ms each on loopback).
+    """
+    return {queue: await count(connection, queue) for queue in queues}
 
 
 async def count(connection: AbstractRobustConnection, queue: str) -> int | None:

@@ -94,6 +94,21 @@ def bucket_ms(delay_s: float) -> int:
     return MAX_DELAY_MS  # pragma: no cover - unreachable
 
 
+def all_buckets() -> tuple[int, ...]:
+    """Return every delay bucket (ms) :func:`bucket_ms` can give, smallest first.
+
+    The ladder makes it a short, fixed list (about 150), so the delay queues of a source can be
+    found by name, which AMQP cannot list without the management plugin.
+    """
+    found = {MAX_DELAY_MS}
+    for exponent in range(1, 10):
+        for mantissa in LADDER:
+            value = round(mantissa * 10.0**exponent)
+            if MIN_DELAY_MS <= value < MAX_DELAY_MS:
+                found.add(value)
+    return tuple(sorted(found))
+
+
 def delay_queue_name(source: str, ms: int) -> str:
     """Name the delay bucket queue of ``source``."""
     return f"{source}.stalk-delay.{ms}"
