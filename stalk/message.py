@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from stalk.redaction import redact
+
 #: Attribute names stalk writes. Prefixed so they never collide with a producer's own.
 ATTR_PREFIX = "stalk-"
 ATTR_REASON = "stalk-reason"
@@ -47,7 +49,7 @@ def format_traceback(error: BaseException | str | None) -> str:
         return ""
     import traceback
 
-    text = "".join(traceback.format_exception(error, limit=-TRACEBACK_FRAMES)).rstrip()
+    text = redact("".join(traceback.format_exception(error, limit=-TRACEBACK_FRAMES)).rstrip())
     if len(text) > MAX_TRACEBACK_TEXT:
         text = "...\n" + text[-(MAX_TRACEBACK_TEXT - 4) :]
     return text
@@ -98,10 +100,12 @@ class Failure:
     Attributes:
         reason: ``fatal``, ``retries_exhausted``, ``error`` (unflagged), ``too_large``,
             ``expired`` or ``poison`` (delivered more than ``max_retries + 1`` times).
-        error: the error text (truncated to ``MAX_ERROR_TEXT``).
+        error: the error text (credentials redacted as in the logs, truncated to
+            ``MAX_ERROR_TEXT``).
         error_type: the exception class name; for a plain text, the reason as a class-like
             name (``Fatal`` for ``fatal("...")``, see ``TEXT_ERROR_TYPES``).
-        traceback: where a raised exception came from (``format_traceback``), or ``""``.
+        traceback: where a raised exception came from (``format_traceback``, redacted too),
+            or ``""``.
     """
 
     reason: str
@@ -131,7 +135,8 @@ class Failure:
             text, kind = str(error), TEXT_ERROR_TYPES.get(reason, "Error")
         return cls(
             reason=reason,
-            error=text[:MAX_ERROR_TEXT],
+            # Redacted as the logs are: the error topic keeps this longer, for more readers.
+            error=redact(text)[:MAX_ERROR_TEXT],
             error_type=kind,
             attempts=message.attempt,
             source=message.source,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -13,52 +11,13 @@ from typing import Literal
 
 from stalk.engine.policy import Ack, Action
 from stalk.message import Message
+from stalk.redaction import redact, refresh_secrets
+
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "outcome_logger", "redact",
+           "refresh_secrets"]  # fmt: skip
 
 #: Record attributes that are the logging module's own, not context passed in ``extra=``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-#: ``scheme://user:password@host`` → ``scheme://user:***@host``: credentials never reach a log.
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s]+@")
-
-
-#: ``password=x``, ``aws_secret_access_key: x``, ``"SecretAccessKey": "x"``, ``token=x``: the
-#: value goes, the key stays so a reader still sees what was there.
-_KEY_VALUE = re.compile(
-    r"(?i)(?P<head>\b[\w-]*(?:secret|passw(?:or)?d|token|credential|api[_-]?key)[\w-]*"
-    r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"',;&}]+)"
-)
-
-#: Environment variables whose values are secrets wherever they turn up (an SDK's error text).
-_SECRET_ENV = re.compile(r"(?i)(secret|passw(or)?d|token|credentials?|private_key|api_key)")
-
-#: Shortest environment value treated as a secret: shorter ones ("1", "true") are settings.
-MIN_SECRET_CHARS = 8
-
-
-_secrets: list[str] | None = None
-
-
-def refresh_secrets() -> list[str]:
-    """Re-read which environment values are secrets (done by :func:`configure`; cached)."""
-    global _secrets
-    values = {
-        value
-        for name, value in os.environ.items()
-        if _SECRET_ENV.search(name) and len(value) >= MIN_SECRET_CHARS
-    }
-    _secrets = sorted(values, key=len, reverse=True)
-    return _secrets
-
-
-def redact(text: str) -> str:
-    """Hide credentials: URL passwords, ``key=value`` secrets, secret environment values."""
-    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
-    text = _KEY_VALUE.sub(r"\g<head>***", text)
-    for value in _secrets if _secrets is not None else refresh_secrets():
-        if value in text:
-            text = text.replace(value, "***")
-    return text
-
 
 #: Logger of the one-line-per-message outcomes (acks at DEBUG; the engine logs retries at INFO
 #: and error-topic routes at WARNING with the same fields).

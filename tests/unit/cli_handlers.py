@@ -41,3 +41,15 @@ async def cancels(body: bytes) -> None:
     import asyncio
 
     raise asyncio.CancelledError("the handler gave up")
+
+
+def leaky(body: bytes) -> None:
+    """Fail with credentials in the error text, as a driver's connect error does: hole 10."""
+    import os
+
+    from stalk import Fatal
+
+    raise Fatal(
+        "could not connect to postgres://app:pw-hunter2@db:5432/orders "
+        f"(password={os.environ.get('DB_PASSWORD', '')})"
+    )
