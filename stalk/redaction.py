@@ -18,9 +18,11 @@ _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]+:)[^@\s
 
 #: ``password=x``, ``aws_secret_access_key: x``, ``"SecretAccessKey": "x"``, ``token=x``: the
 #: value goes, the key stays so a reader still sees what was there.
+#: A bytes repr (``'X-Amz-Security-Token': b'...'``, as botocore prints headers) counts as quoted,
+#: and ``Signature`` values go too (a signed request can be replayed for minutes).
 _KEY_VALUE = re.compile(
-    r"(?i)(?P<head>\b[\w-]*(?:secret|passw(?:or)?d|token|credential|api[_-]?key)[\w-]*"
-    r"[\"']?\s*[:=]\s*[\"']?)(?P<value>[^\s\"',;&}]+)"
+    r"(?i)(?P<head>\b[\w-]*(?:secret|passw(?:or)?d|token|credential|api[_-]?key|signature)"
+    r"[\w-]*[\"']?\s*[:=]\s*(?:b(?=[\"']))?[\"']?)(?P<value>[^\s\"',;&}]+)"
 )
 
 #: Environment variables whose values are secrets wherever they turn up (an SDK's error text).
@@ -31,6 +33,18 @@ MIN_SECRET_CHARS = 8
 
 
 _secrets: list[str] | None = None
+#: Secret values known at run time, not from the environment (an SDK's resolved credentials).
+_known: set[str] = set()
+
+
+def add_secrets(*values: str | None) -> None:
+    """Hide these values wherever they appear from now on (e.g. credentials an SDK read from a
+    profile file, which the environment scan cannot see). Short or empty values are ignored."""
+    global _secrets
+    fresh = {v for v in values if v and len(v) >= MIN_SECRET_CHARS} - _known
+    if fresh:
+        _known.update(fresh)
+        _secrets = None  # re-sorted with the environment's on the next redact()
 
 
 def refresh_secrets() -> list[str]:
@@ -41,7 +55,7 @@ def refresh_secrets() -> list[str]:
         value
         for name, value in os.environ.items()
         if _SECRET_ENV.search(name) and len(value) >= MIN_SECRET_CHARS
-    }
+    } | _known
     _secrets = sorted(values, key=len, reverse=True)
     return _secrets
 

@@ -55,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except HandlerImportError as exc:
         cause = exc.__cause__
-        wanted = getattr(args, "traceback", False) or getattr(args, "log_level", "") == "DEBUG"
+        wanted = getattr(args, "traceback", False) or str(
+            getattr(args, "log_level", "")
+        ).startswith("DEBUG")
         hint = cause is not None and not wanted and not isinstance(cause, ModuleNotFoundError)
         _fail(str(exc) + ("; --traceback shows the whole traceback" if hint else ""))
         if cause is not None and wanted:

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stalk.cli.parser import ENGINE_FLAGS, suggest
+from stalk.cli.parser import ENGINE_FLAGS, normalize_log_level, suggest
 from stalk.errors import ConfigError
 
 #: Settings every command shares, with their defaults (``source`` has none: it is required).
@@ -127,7 +127,7 @@ def read_env(keys: set[str]) -> dict[str, Any]:
     if isinstance(found.get("fatal_exceptions"), str):
         found["fatal_exceptions"] = [n.strip() for n in found["fatal_exceptions"].split(",") if n]
     if "log_level" in found:
-        found["log_level"] = str(found["log_level"]).upper()
+        found["log_level"] = normalize_log_level(str(found["log_level"]))
     if "backend" in found:
         found["backend"] = str(found["backend"]).strip().lower()
     return found
@@ -193,7 +193,7 @@ def read_file(path: Path, keys: set[str]) -> tuple[dict[str, Any], dict[str, str
         if key == "backend" and isinstance(value, str):
             value = value.strip().lower()
         if key == "log_level" and isinstance(value, str):
-            value = value.upper()
+            value = normalize_log_level(value)
         settings[key] = value
     return settings, options
 

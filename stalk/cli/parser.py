@@ -197,15 +197,22 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def normalize_log_level(text: str) -> str:
+    """Return ``LEVEL[,logger...]`` with the level upper-cased (``WARN`` = ``WARNING``) and the
+    logger names as given: an SDK's logger names are case-sensitive."""
+    level, *names = (part.strip() for part in text.split(","))
+    level = level.upper()
+    return ",".join([("WARNING" if level == "WARN" else level), *(n for n in names if n)])
+
+
 def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level == "WARN":
-        level = "WARNING"
-    if level not in LOG_LEVELS:
+    value = normalize_log_level(text)
+    if value.split(",")[0] not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(
-            f"unknown log level {text!r}; choose one of {', '.join(LOG_LEVELS).lower()}"
+            f"unknown log level {text!r}; choose one of {', '.join(LOG_LEVELS).lower()}, "
+            "optionally followed by SDK loggers to show at that level too (debug,botocore)"
         )
-    return level
+    return value
 
 
 class _Once(argparse.Action):
@@ -295,7 +302,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=_log_level,
         default=None,
         metavar="LEVEL",
-        help="debug, info, warning, error (env STALK_LOG_LEVEL; default: info)",
+        help="debug, info, warning, error (env STALK_LOG_LEVEL; default: info); SDK loggers "
+        "(botocore, aiormq, ...) stay at warning, as their debug output carries credentials, "
+        "unless named after the level: debug,botocore",
     )
 
 

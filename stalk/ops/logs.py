@@ -83,18 +83,33 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-#: SDK loggers that chatter at INFO; quiet unless the user asks for DEBUG.
-NOISY_SDK_LOGGERS = ("botocore", "boto3", "aiormq", "aio_pika")
+#: Loggers of the broker SDKs stalk uses. Their DEBUG output dumps requests, headers and all:
+#: botocore prints the session token and the signed Authorization header, which redaction can
+#: only catch where it recognises the form. So they stay at WARNING (or the chosen level, if
+#: higher) at every ``--log-level``, unless named after it (``debug,botocore``).
+SDK_LOGGERS = (
+    "botocore", "boto3", "s3transfer", "urllib3", "aiormq", "aio_pika", "pamqp", "nsq",
+    "tornado", "google", "grpc",
+)  # fmt: skip
 
 
 def configure(fmt: Literal["text", "json"] = "text", level: str = "INFO") -> None:
-    """Send stalk's logs to stderr in the chosen format."""
+    """Send stalk's logs to stderr in the chosen format.
+
+    Args:
+        fmt: ``text`` or ``json``.
+        level: ``LEVEL`` or ``LEVEL,logger,...``: the named loggers (SDKs) get ``LEVEL`` too;
+            the other SDK loggers stay at WARNING or above.
+    """
     refresh_secrets()
+    name, *named = level.split(",")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    if root.level > logging.DEBUG:
-        for sdk in NOISY_SDK_LOGGERS:  # "Found credentials in environment variables" etc.
-            logging.getLogger(sdk).setLevel(logging.WARNING)
+    root.setLevel(name.upper())
+    quiet = max(logging.WARNING, root.level)
+    for sdk in SDK_LOGGERS:  # "Found credentials in environment variables", request dumps
+        logging.getLogger(sdk).setLevel(root.level if sdk in named else quiet)
+    for logger_name in named:
+        logging.getLogger(logger_name).setLevel(root.level)

@@ -66,6 +66,24 @@ def test_redact_forms(monkeypatch) -> None:
     refresh_secrets()
 
 
+def test_redact_sdk_header_dumps_and_secrets_known_at_run_time() -> None:
+    """Hole 4: botocore prints headers as bytes reprs, which the key=value rule missed; and a
+    profile file's credentials are not in the environment, so the SQS adapter adds them."""
+    from stalk.redaction import add_secrets
+
+    dump = (
+        "headers={'X-Amz-Security-Token': b'FQoGZXIvYXdzEXAMPLE', 'Authorization': "
+        "b'AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261202/us-east-1/sqs/aws4_request, "
+        "SignedHeaders=host, Signature=e5f945beb2969d7d'}\nx-amz-security-token:FQoGZXIvYXdz2"
+    )
+    out = redact(dump)
+    for secret in ("FQoGZXIvYXdzEXAMPLE", "AKIDEXAMPLE", "e5f945beb2969d7d", "FQoGZXIvYXdz2"):
+        assert secret not in out, out
+    assert "SignedHeaders=host" in out
+    add_secrets("from-a-profile-file-0123", None, "short")
+    assert redact("echo from-a-profile-file-0123 short") == "echo *** short"
+
+
 def test_json_formatter_redacts_extra_fields() -> None:
     record = logging.makeLogRecord(
         {"msg": "to %s", "args": ("amqp://a:b@c/",), "levelno": 20, "levelname": "INFO"}
@@ -74,3 +92,27 @@ def test_json_formatter_redacts_extra_fields() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "to amqp://a:***@c/"
     assert line["source"] == "https://user:***@queue.example/q"
+
+
+def test_sdk_loggers_stay_above_debug_unless_named() -> None:
+    """Hole 4: ``--log-level debug`` is stalk's debug; an SDK's only when named after it."""
+    from stalk.cli.parser import normalize_log_level
+    from stalk.ops.logs import SDK_LOGGERS, configure
+
+    assert normalize_log_level("debug, botocore") == "DEBUG,botocore"
+    assert normalize_log_level("warn") == "WARNING"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in SDK_LOGGERS}
+    try:
+        configure("text", "DEBUG")
+        assert root.level == logging.DEBUG
+        assert all(logging.getLogger(n).level == logging.WARNING for n in SDK_LOGGERS)
+        configure("text", "DEBUG,botocore")
+        assert logging.getLogger("botocore").level == logging.DEBUG
+        assert logging.getLogger("aiormq").level == logging.WARNING
+        configure("text", "ERROR")
+        assert logging.getLogger("botocore").level == logging.ERROR
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from stalk.collectors.sqs import wire as wire
 from stalk.errors import BackendError, ConfigError
+from stalk.redaction import add_secrets
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -123,7 +124,15 @@ class SQSCalls:
 
         def make() -> SQSClient:
             session = boto3.session.Session(profile_name=s.profile, region_name=region)
-            return session.client("sqs", endpoint_url=s.endpoint_url, config=config)
+            client = session.client("sqs", endpoint_url=s.endpoint_url, config=config)
+            # Credentials from a profile file or a role are not in the environment, where the
+            # log redaction looks for secret values: tell it (defence behind SDK log levels).
+            with contextlib.suppress(BotoCoreError):  # the first call reports it in one line
+                found = session.get_credentials()
+                if found is not None:
+                    frozen = found.get_frozen_credentials()
+                    add_secrets(frozen.secret_key, frozen.token)
+            return client
 
         self._client = await self.call("connect", source, make)
 
