@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from stalk.backoff import Backoff
 from stalk.collectors.local import sql as sql
+from stalk.collectors.local.space import WAL_LIMIT_BYTES, disk_full_text
 from stalk.errors import BackendError, BackendUnavailable, ConfigError
 
 T = TypeVar("T")
@@ -77,7 +78,7 @@ class SQLiteFile:
         conn = self.conn
         conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         self.write(self._init_schema, retry=False)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
@@ -116,7 +117,7 @@ class SQLiteFile:
                 "and the file are writable by this user"
             )
         if code == 13:  # SQLITE_FULL
-            return BackendError(f"{where}: disk full ({exc})")
+            return BackendError(disk_full_text(self.path, exc))
         if code in _BUSY_CODES:
             return BackendUnavailable(
                 f"{where} stayed locked by another process for "
