@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.chaos.driver import Plan, Report, run
+from tests.chaos.driver import Plan, Report, markdown, run
 from tests.chaos.targets import BACKENDS
 
 
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(markdown(reports))
     failed = [r.backend for r in reports if not r.ok]
     print("chaos: FAILED: " + ", ".join(failed) if failed else "chaos: lost 0 everywhere")
     return 1 if failed else 0

@@ -74,17 +74,17 @@ class Plan:
     def short(cls, backend: str, seed: int = 0, messages: int | None = None) -> Plan:
         return cls(
             backend,
-            messages or (1000 if backend == "local" else 400),
+            messages or (800 if backend == "local" else 300),
             kills=5,
-            pills=2,
+            pills=1,
             cuts=3,
             max_retries=2,
             visibility_s=2.0,
             grace_s=3.0,
             retry_delay_s=1.5,
-            pace_s=15.0,
+            pace_s=8.0,
             seed=seed,
-            patience_s=240.0,
+            patience_s=200.0,
         )
 
 
@@ -140,6 +140,29 @@ class Report:
             ("healthy on error topic", str(self.healthy_on_errors)),
             ("longest redelivery", f"{longest} after a kill ({self.in_flight_at_kills} in flight)"),
             ("SIGTERM drains", f"{drains} (grace {self.grace_s:.0f} s)"),
+        ]
+
+    #: Columns of :func:`markdown`, the README's table.
+    COLUMNS = (
+        "backend", "messages", "kills", "broker restarts/pauses", "connection cuts",
+        "poison pills", "lost", "duplicated", "longest redelivery",
+    )  # fmt: skip
+
+    def cells(self) -> list[str]:
+        rows = dict(self.rows())
+        what = f"{self.disruptions} {self.disruption}" if self.disruption else "n/a"
+        cuts = "n/a" if self.cuts is None else str(self.cuts)
+        longest = "-" if self.longest_redelivery_s is None else f"{self.longest_redelivery_s:.1f} s"
+        return [
+            self.backend,
+            f"{self.messages:,}",
+            f"{self.kills} ({self.kills_supervised} of them `--processes 2`)",
+            what,
+            cuts,
+            f"{self.pills_routed}/{self.pills} as `poison`",
+            rows["lost"],
+            rows["duplicated"],
+            longest,
         ]
 
     def table(self) -> str:
@@ -405,6 +428,9 @@ class Driver:
                     worker.close()
                     worker = self._start(processes)
             elif kind == "cut":
+                if not self.target.connected():  # a worker starting: cut once it is connected
+                    time.sleep(0.05)
+                    continue
                 cut = self.target.cut()
                 if cut is not None:
                     self.report.cuts = (self.report.cuts or 0) + 1
@@ -428,7 +454,19 @@ class Driver:
         self._sigterm(worker, processes)
 
     def _sigterm(self, worker: Stalk, processes: int) -> None:
-        pids = self._worker_pids(processes)
+        # SIGTERM a worker that is up and handling: one a pill just killed is started again.
+        while True:
+            self._check_time("a worker to SIGTERM")
+            if worker.process.poll() is not None:
+                self.report.pill_deaths += 1
+                self.say(f"  worker exited {worker.process.returncode} before SIGTERM; again")
+                worker.close()
+                worker = self._start(processes)
+                continue
+            pids = self._worker_pids(processes)
+            if pids and self.ledger.calls_of(pids):
+                break
+            time.sleep(0.05)
         sent = time.monotonic()
         worker.signal(signal.SIGTERM)
         try:
@@ -560,6 +598,13 @@ class Driver:
             )
         if report.disruption and report.retries_pending == 0:
             report.notes.append("no delayed retry was pending at the broker disruption")
+
+
+def markdown(reports: list[Report]) -> str:
+    """One Markdown table, a row per backend (the README's)."""
+    lines = ["| " + " | ".join(Report.COLUMNS) + " |", "|" + "---|" * len(Report.COLUMNS)]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in reports]
+    return "\n".join(lines)
 
 
 def run(plan: Plan, workdir: Path, say: Callable[[str], None] = print) -> Report:

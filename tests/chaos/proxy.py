@@ -62,6 +62,10 @@ class Proxy:
         with contextlib.suppress(OSError):
             sock.close()
 
+    def connections(self) -> int:
+        with self.lock:
+            return len(self.open) // 2
+
     def cut(self) -> int:
         """Close every open connection (both ends); return how many client connections died."""
         with self.lock:

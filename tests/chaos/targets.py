@@ -82,6 +82,10 @@ class Target:
         """Cut every worker connection; return how many were cut (None: not possible)."""
         return self.proxy.cut() if self.proxy is not None else None
 
+    def connected(self) -> bool:
+        """Whether a worker holds a connection through the proxy (always, without a proxy)."""
+        return self.proxy is None or self.proxy.connections() > 0
+
     def publish(self, bodies: list[bytes], source: str | None = None) -> None:
         """Publish ``bodies`` to the source (in batches, as ``stalk send`` does)."""
         from stalk import AsyncPublisher

@@ -33,6 +33,7 @@ def _check_available(backend: str) -> None:
             require_broker("nsq", f"no nsqd binary: {HINT}")
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     "backend",
     [
