@@ -60,6 +60,8 @@ class Plan:
     #: Every ``retry_every``-th message asks for one delayed retry.
     retry_every: int = 10
     retry_delay_s: float = 2.0
+    #: Least time between two kills (more than a lease, so one kill's messages are back first).
+    kill_gap_s: float = 4.0
     #: Roughly how long the stream should last (the handler sleeps to spread it out).
     pace_s: float = 60.0
     seed: int = 0
@@ -82,6 +84,7 @@ class Plan:
             visibility_s=2.0,
             grace_s=3.0,
             retry_delay_s=1.5,
+            kill_gap_s=1.0,
             pace_s=8.0,
             seed=seed,
             patience_s=200.0,
@@ -201,13 +204,12 @@ class Ledger:
             conn.close()
 
     def processed(self) -> int:
-        """Count ok outcomes (duplicates included): the progress of the stream."""
-        return sum(
-            self._query(p, "SELECT COUNT(*) FROM calls WHERE outcome = 'ok'")[0][0]
-            if self._query(p, "SELECT 1 FROM calls LIMIT 1")
-            else 0
-            for _, p in self._files("calls")
-        )
+        """Count the ids with an ok outcome: the progress of the stream."""
+        done: set[int] = set()
+        for _, path in self._files("calls"):
+            rows = self._query(path, "SELECT id FROM calls WHERE outcome = 'ok'")
+            done.update(row[0] for row in rows)
+        return len(done)
 
     def calls_of(self, pids: list[int]) -> int:
         paths = dict(self._files("calls"))
@@ -284,6 +286,8 @@ class Driver:
         self.report = Report(plan.backend, grace_s=plan.grace_s)
         self.kills: list[tuple[float, list[int]]] = []
         self.worker: Stalk | None = None
+        self.sent = 0
+        self.unsent: list[int] = []
         self.deadline = 0.0
         burst = max(plan.messages // 10, 1)
         self.main = plan.messages - burst
@@ -323,8 +327,13 @@ class Driver:
             phase_a.append(("disrupt", self.rng.uniform(0.15, 0.3)))
         phase_b = [("kill", self.rng.uniform(0.5, 0.8)) for _ in range(plan.kills - kills_a)]
         phase_b += [("cut", self.rng.uniform(0.5, 0.85)) for _ in range(plan.cuts // 2)]
+        # Each phase gets its share of the stream up front; a phase whose events are still
+        # waiting when its share runs dry takes more (see _starving), so no attack ever waits
+        # on an empty queue.
+        self._feed(plan.messages // 2)
         self.say(f"{plan.backend}: phase A (one process): {len(phase_a)} events")
         self._phase(phase_a, end=0.45, processes=1)
+        self._feed(len(self.unsent))
         self.say(f"{plan.backend}: phase B (--processes 2): {len(phase_b)} events")
         self._phase(phase_b, end=0.9, processes=2)
         self.say(f"{plan.backend}: phase C (drain with --until-empty)")
@@ -347,11 +356,17 @@ class Driver:
             self.kinds[number] = kind
             self.expected[number] = body_of(number, kind)
         self.burst = list(range(total - burst, total))
-        first = [self.expected[n] for n in range(total - burst)]
-        self.target.publish(first)
+        self.unsent = list(range(total - burst))
         self.report.messages = plan.messages
         self.report.pills = plan.pills
         self.report.max_deliveries = plan.max_retries + 1
+
+    def _feed(self, count: int) -> None:
+        """Publish the next ``count`` messages of the main stream."""
+        batch, self.unsent = self.unsent[:count], self.unsent[count:]
+        if batch:
+            self.target.publish([self.expected[n] for n in batch])
+            self.sent += len(batch) - sum(self.kinds[n] == "poison" for n in batch)
 
     def _args(self, *extra: str) -> list[str]:
         plan = self.plan
@@ -394,23 +409,29 @@ class Driver:
                 self.say(f"  worker exited {worker.process.returncode} (a pill?); starting again")
                 worker.close()
                 worker = self._start(processes)
-            progress = self._progress()
+            done = self.ledger.processed()
+            progress = done / self.plan.messages
+            starving = self.sent - done < 2 * self.plan.concurrency
+            if starving and events and self.unsent:
+                self._feed(max(20, self.plan.messages // 50))
+                continue
+            dry = starving and not self.unsent  # nothing left to give: attack regardless
             if not events:
-                if progress >= end:
+                if progress >= end or dry:
                     break
                 time.sleep(0.1)
                 continue
             kind, at = events[0]
-            if progress < at:
+            if progress < at and not dry:
                 time.sleep(0.05)
                 continue
             pids = self._worker_pids(processes)
             if kind == "kill":
                 # Kill a worker that is handling messages, not one still starting.
-                if not pids or self.ledger.calls_of(pids) == 0:
+                if not pids or (self.ledger.calls_of(pids) == 0 and not dry):
                     time.sleep(0.05)
                     continue
-                if time.monotonic() - last_kill < self.plan.visibility_s + 1:
+                if time.monotonic() - last_kill < self.plan.kill_gap_s:
                     time.sleep(0.05)
                     continue
                 time.sleep(self.rng.uniform(0, 0.3))
@@ -438,7 +459,7 @@ class Driver:
                     self.say(f"  cut {cut} connection(s) at {progress:.0%}")
             elif kind == "disrupt":
                 pending = self.ledger.pending_retries()
-                if pending == 0 and progress < 0.4:
+                if pending == 0 and progress < 0.4 and not dry:
                     time.sleep(0.05)
                     continue
                 self.say(f"  broker {self.target.disruption} at {progress:.0%}, {pending} pending")
