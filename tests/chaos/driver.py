@@ -23,6 +23,7 @@ from the kill to the next call of that id, in any process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -287,6 +288,8 @@ class Driver:
         self.kills: list[tuple[float, list[int]]] = []
         self.worker: Stalk | None = None
         self.sent = 0
+        #: Every worker started, for its log (``logs/`` in the work directory).
+        self.started: list[Stalk] = []
         self.unsent: list[int] = []
         self.deadline = 0.0
         burst = max(plan.messages // 10, 1)
@@ -303,12 +306,23 @@ class Driver:
         try:
             self._run()
         finally:
-            if self.worker is not None:
+            if self.worker is not None:  # a failed run: no orphaned --processes workers either
+                for pid in children(self.worker.process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 self.worker.close()
+            self._keep_logs()
             self.target.stop()
         self.report.elapsed_s = time.monotonic() - started
         self.report.notes += self.target.notes
         return self.report
+
+    def _keep_logs(self) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        for number, worker in enumerate(self.started):
+            text = f"{' '.join(worker.process.args)}\n{worker.stderr}\n"  # type: ignore[arg-type]
+            (logs / f"{number:03d}-{worker.process.pid}.log").write_text(text)
 
     def _run(self) -> None:
         plan = self.plan
@@ -382,6 +396,7 @@ class Driver:
     def _start(self, processes: int, *extra: str) -> Stalk:
         more = ["--processes", str(processes)] if processes > 1 else []
         worker = Stalk(*self._args(*more, *extra), env=self.env)
+        self.started.append(worker)
         self.worker = worker
         self.spawned = time.monotonic()
         return worker
@@ -597,6 +612,7 @@ class Driver:
             )
         if report.lost:
             report.problems.append(f"lost {len(report.lost)}: {report.lost[:20]}")
+            report.notes.append(f"broker state: {self.target.diagnose()}")
         # Redelivery after each kill: from the kill to the next call of each id it held.
         starts: dict[int, list[float]] = defaultdict(list)
         for _, number, started, _ in calls:

@@ -78,6 +78,10 @@ class Target:
     def disrupt(self) -> None:
         """Restart (or pause) the broker, returning once it answers again."""
 
+    def diagnose(self) -> str:
+        """What the broker holds (for a report that found a loss)."""
+        return "-"
+
     def cut(self) -> int | None:
         """Cut every worker connection; return how many were cut (None: not possible)."""
         return self.proxy.cut() if self.proxy is not None else None
@@ -163,6 +167,17 @@ class SQSTarget(Target):
 
     def publish_options(self) -> dict[str, Any]:
         return {"endpoint_url": self.server.endpoint, "region": self.region}
+
+    def diagnose(self) -> str:
+        from tests.brokers.sqs import sqs_client
+
+        client = sqs_client(self.server.endpoint)
+        parts = []
+        for name in (self.source, self.errors):
+            url = client.get_queue_url(QueueName=name)["QueueUrl"]
+            attributes = client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+            parts.append(f"{name}: {attributes['Attributes']}")
+        return "; ".join(parts)
 
     def disrupt(self) -> None:
         pid = self.server.process.pid
@@ -317,6 +332,12 @@ class AMQPTarget(Target):
             assert self.proxy is not None
             self.proxy.refuse_for(OUTAGE_S)
 
+    def diagnose(self) -> str:
+        if self.node is None:
+            return "-"
+        done = self.node.ctl("-q", "list_queues", "name", "type", "messages", check=False)
+        return " | ".join(done.stdout.decode().split("\n"))
+
 
 class QuorumTarget(AMQPTarget):
     name = "amqp-quorum"
@@ -354,6 +375,14 @@ class NSQTarget(Target):
 
     def publish_options(self) -> dict[str, Any]:
         return {"nsqd": self.server.tcp, "nsqd_http": self.server.http}
+
+    def diagnose(self) -> str:
+        parts = []
+        for topic in (self.source, self.errors):
+            stats = self.server.stats(topic)
+            depth, deferred = stats.get("depth"), stats.get("deferred_count")
+            parts.append(f"{topic}: depth {depth}, deferred {deferred}")
+        return "; ".join(parts)
 
     def disrupt(self) -> None:
         self.server.stop()
