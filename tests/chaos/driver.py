@@ -247,10 +247,10 @@ class Ledger:
             )
         ]
 
-    def errors(self) -> list[tuple[int, bytes, dict[str, str]]]:
+    def errors(self, prefix: str = "errors") -> list[tuple[int, bytes, dict[str, str]]]:
         return [
             (number, bytes(body), json.loads(attributes))
-            for _, path in self._files("errors")
+            for _, path in self._files(prefix)
             for number, body, attributes in self._query(
                 path, "SELECT id, body, attributes FROM errors"
             )
@@ -546,20 +546,32 @@ class Driver:
             time.sleep(self.plan.visibility_s + 1)
 
     def _collect(self) -> None:
-        """Consume the error topic into ``errors-PID.db`` files."""
+        """Consume the error topic into ``errors-PID.db`` files, as a user of stalk would.
+
+        Copies the reader itself routes on (to the error topic's own error topic) are read from
+        there too, into ``rerouted-PID.db``: not lost, but a problem of the reader.
+        """
+        log = self._read_topic(self.target.errors, "errors")
+        if "to error topic (" in log:
+            self._read_topic(f"{self.target.errors}-errors", "rerouted")
+
+    def _read_topic(self, topic: str, prefix: str) -> str:
         worker = Stalk(
             "run", "tests.chaos.handler:collect", *self.target.cli(),
-            "--source", self.target.errors, "--until-empty", "--allow-errors", "--quiet",
+            "--source", topic, "--until-empty", "--allow-errors", "--quiet",
             "--concurrency", "4",
-            env=self.env,
+            env={**self.env, "CHAOS_ERRORS_PREFIX": prefix},
         )  # fmt: skip
+        self.started.append(worker)
         code = worker.wait(120)
         if code != 0:
-            raise AssertionError(f"reading the error topic failed ({code}):\n{worker.stderr}")
+            raise AssertionError(f"reading {topic} failed ({code}):\n{worker.stderr}")
+        return worker.stderr
 
     def _missing(self) -> list[int]:
         done = {n for _, n, _, outcome in self.ledger.calls() if outcome == "ok"}
-        routed = {n for n, body, _ in self.ledger.errors() if body == self.expected.get(n)}
+        copies = self.ledger.errors() + self.ledger.errors("rerouted")
+        routed = {n for n, body, _ in copies if body == self.expected.get(n)}
         return [n for n in self.expected if n not in done and n not in routed]
 
     # -- the count -------------------------------------------------------------------------
@@ -567,7 +579,7 @@ class Driver:
     def _count(self) -> None:
         report, plan = self.report, self.plan
         calls = self.ledger.calls()
-        errors = self.ledger.errors()
+        errors = self.ledger.errors() + self.ledger.errors("rerouted")
         oks = Counter(n for _, n, _, outcome in calls if outcome == "ok")
         deliveries = Counter(n for _, n, _, _ in calls)
         routed: dict[int, list[tuple[bytes, dict[str, str]]]] = defaultdict(list)
@@ -609,6 +621,14 @@ class Driver:
             report.notes.append(
                 f"{report.healthy_on_errors} healthy messages on the error topic "
                 f"({dict(reasons)}): killed in flight more than max_retries + 1 times"
+            )
+        rerouted = self.ledger.errors("rerouted")
+        if rerouted:
+            reasons = Counter(attrs.get("stalk-reason") for _, _, attrs in rerouted)
+            report.problems.append(
+                f"{len(rerouted)} error copies were routed again ({dict(reasons)}) by the stalk"
+                f" worker reading the error topic: they sit in {self.target.errors}-errors,"
+                f" ids {sorted(n for n, _, _ in rerouted)[:10]}"
             )
         if report.lost:
             report.problems.append(f"lost {len(report.lost)}: {report.lost[:20]}")

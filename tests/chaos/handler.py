@@ -69,7 +69,7 @@ class _Store:
 
 
 _calls = _Store("calls", CALLS)
-_errors = _Store("errors", ERRORS)
+_errors = _Store(os.environ.get("CHAOS_ERRORS_PREFIX", "errors"), ERRORS)
 _SLEEP_S = float(os.environ.get("CHAOS_SLEEP_S", "0"))
 _RETRY_DELAY_S = float(os.environ.get("CHAOS_RETRY_DELAY_S", "2"))
 
