@@ -111,6 +111,8 @@ class Report:
     lost: list[int] = field(default_factory=list)
     duplicated: int = 0
     longest_redelivery_s: float | None = None
+    #: Longest time no new id was processed while some were waiting (phases A and B).
+    longest_stall_s: float = 0.0
     in_flight_at_kills: int = 0
     not_redelivered: int = 0
     drains: list[float] = field(default_factory=list)
@@ -144,6 +146,7 @@ class Report:
             ("healthy on error topic", str(self.healthy_on_errors)),
             ("longest redelivery", f"{longest} after a kill ({self.in_flight_at_kills} in flight)"),
             ("SIGTERM drains", f"{drains} (grace {self.grace_s:.0f} s)"),
+            ("longest stall", f"{self.longest_stall_s:.1f} s"),
         ]
 
     #: Columns of :func:`markdown`, the README's table.
@@ -417,6 +420,7 @@ class Driver:
         events = sorted(events, key=lambda e: e[1])
         worker = self._start(processes)
         last_kill = 0.0
+        last_done, moved = -1, time.monotonic()
         while True:
             self._check_time(f"phase end at {end:.0%} (progress {self._progress():.0%})")
             if processes == 1 and worker.process.poll() is not None:
@@ -427,6 +431,10 @@ class Driver:
             done = self.ledger.processed()
             progress = done / self.plan.messages
             starving = self.sent - done < 2 * self.plan.concurrency
+            now = time.monotonic()
+            if done != last_done or starving:
+                last_done, moved = done, now
+            self.report.longest_stall_s = max(self.report.longest_stall_s, now - moved)
             if starving and events and self.unsent:
                 self._feed(max(20, self.plan.messages // 50))
                 continue
@@ -652,6 +660,11 @@ class Driver:
             report.notes.append(
                 f"{report.not_redelivered} ids held by a killed worker were not handled again"
                 " (routed to the error topic before the handler)"
+            )
+        if report.longest_stall_s > 20:
+            report.notes.append(
+                f"the stream stood still for {report.longest_stall_s:.0f} s with messages waiting"
+                " (a broker outage, supervisor crash backoff, or a worker that stopped consuming)"
             )
         if report.disruption and report.retries_pending == 0:
             report.notes.append("no delayed retry was pending at the broker disruption")
