@@ -63,6 +63,8 @@ class Plan:
     retry_delay_s: float = 2.0
     #: Least time between two kills (more than a lease, so one kill's messages are back first).
     kill_gap_s: float = 4.0
+    #: No new id processed for this long while messages wait: a stuck worker (a problem).
+    stall_limit_s: float = 60.0
     #: Roughly how long the stream should last (the handler sleeps to spread it out).
     pace_s: float = 60.0
     seed: int = 0
@@ -113,6 +115,8 @@ class Report:
     longest_redelivery_s: float | None = None
     #: Longest time no new id was processed while some were waiting (phases A and B).
     longest_stall_s: float = 0.0
+    #: Times the stream stood still past the plan's limit (workers killed to go on).
+    stuck: int = 0
     in_flight_at_kills: int = 0
     not_redelivered: int = 0
     drains: list[float] = field(default_factory=list)
@@ -146,7 +150,7 @@ class Report:
             ("healthy on error topic", str(self.healthy_on_errors)),
             ("longest redelivery", f"{longest} after a kill ({self.in_flight_at_kills} in flight)"),
             ("SIGTERM drains", f"{drains} (grace {self.grace_s:.0f} s)"),
-            ("longest stall", f"{self.longest_stall_s:.1f} s"),
+            ("longest stall", f"{self.longest_stall_s:.1f} s ({self.stuck} stuck workers)"),
         ]
 
     #: Columns of :func:`markdown`, the README's table.
@@ -435,6 +439,10 @@ class Driver:
             if done != last_done or starving:
                 last_done, moved = done, now
             self.report.longest_stall_s = max(self.report.longest_stall_s, now - moved)
+            if now - moved > self.plan.stall_limit_s:
+                worker = self._unstick(worker, processes, now - moved, self.sent - done)
+                moved = time.monotonic()
+                continue
             if starving and events and self.unsent:
                 self._feed(max(20, self.plan.messages // 50))
                 continue
@@ -496,6 +504,23 @@ class Driver:
             self.target.publish([self.expected[n] for n in self.burst])
             time.sleep(self.rng.uniform(0.2, 0.8))
         self._sigterm(worker, processes)
+
+    def _unstick(self, worker: Stalk, processes: int, stalled_s: float, waiting: int) -> Stalk:
+        """A stream that stood still past the limit: name the workers, kill them, go on."""
+        pids = self._worker_pids(processes)
+        self.report.stuck += 1
+        self.report.problems.append(
+            f"no progress for {stalled_s:.0f} s with {waiting} messages waiting: worker(s)"
+            f" {pids} alive but not consuming (SIGKILLed to go on; see their logs)"
+        )
+        self.say(f"  STUCK for {stalled_s:.0f} s: SIGKILL {pids}")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if processes == 1:
+            worker.close()
+            worker = self._start(processes)
+        return worker
 
     def _sigterm(self, worker: Stalk, processes: int) -> None:
         # SIGTERM a worker that is up and handling: one a pill just killed is started again.
