@@ -309,7 +309,12 @@ class Driver:
     def run(self) -> Report:
         started = time.monotonic()
         self.deadline = started + self.plan.patience_s
-        self.target.start()
+        try:
+            self.target.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # whatever of it did start
+                self.target.stop()
+            raise
         try:
             self._run()
         finally:

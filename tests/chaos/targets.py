@@ -129,6 +129,9 @@ class SQSTarget(Target):
     def start(self) -> None:
         from tests.brokers.sqs import _UNSET, FAKE_AWS_ENV, REGION, MotoServer, create_queue
 
+        # The driver's own boto3 (publishing, diagnose) gets the fake credentials too; stop()
+        # puts the environment back as it was.
+        self.saved_env = {k: os.environ.get(k) for k in (*_UNSET, *FAKE_AWS_ENV)}
         for key in _UNSET:
             os.environ.pop(key, None)
         os.environ.update(FAKE_AWS_ENV)
@@ -151,6 +154,11 @@ class SQSTarget(Target):
         if self.server.process.poll() is None:
             os.kill(self.server.process.pid, signal.SIGCONT)
         self.server.stop()
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def env(self) -> dict[str, str]:
         from tests.brokers.sqs import FAKE_AWS_ENV
