@@ -66,6 +66,14 @@ def test_republish_drops_broker_headers_and_keeps_producer_types() -> None:
     assert out == {"n": 7, "stalk-first-failure-at": "1.0", "stalk-attempt": 3}
 
 
+def test_republish_drops_broker_headers_the_attributes_show() -> None:
+    """A quorum queue's count reaches the handler as an attribute; an error copy that kept it
+    was counted as delivered six times by the error topic's reader and routed on as poison."""
+    attributes = {"n": "7", "x-delivery-count": "5", "x-death": "[]", "x-first-death-queue": "q"}
+    out = republish_headers({"n": 7, "x-delivery-count": 5}, attributes, {"stalk-reason": "poison"})
+    assert out == {"n": 7, "stalk-reason": "poison"}
+
+
 @pytest.mark.parametrize(("value", "parsed"), [(3, 3), ("4", 4), (b"5", 5), ("x", 1), (None, 1)])
 def test_header_int_reads_other_producers(value: object, parsed: int) -> None:
     assert header_int(value, 1) == parsed

@@ -180,12 +180,16 @@ def republish_headers(
 ) -> dict[str, Any]:
     """Build headers for a copy of a delivered message (retry, poison count, error topic).
 
-    Keeps the producer's headers with their original types, drops the broker's own, adds the
+    Keeps the producer's headers with their original types, drops the broker's own (from the raw
+    headers and from the attributes, which show them to handlers: an error copy that kept the
+    original's ``x-delivery-count`` made its reader count deliveries it never had), adds the
     ``stalk-`` attributes the engine set on the message and attributes the headers lacked, then
     ``extra`` (attempt number, failure metadata) on top.
     """
     headers = {k: v for k, v in (raw or {}).items() if not is_broker_header(k)}
     for key, value in attributes.items():
+        if is_broker_header(key):  # a message's attributes show them; a copy must not carry them
+            continue
         if key.startswith(ATTR_PREFIX) or key not in headers:
             headers[key] = value
     headers.update(extra)
