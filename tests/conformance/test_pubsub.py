@@ -14,3 +14,9 @@ class TestPubSubPullConformance(ConformanceSuite):
     @pytest.fixture
     def harness(self, pubsub_emulator: Emulator) -> PubSubHarness:
         return PubSubHarness(pubsub_emulator, mode="pull")
+
+
+class TestPubSubStreamingConformance(ConformanceSuite):
+    @pytest.fixture
+    def harness(self, pubsub_emulator: Emulator) -> PubSubHarness:
+        return PubSubHarness(pubsub_emulator, mode="streaming")
