@@ -78,7 +78,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
 
     # ------------------------------------------------------------------ stream
     def _make_client(self) -> Any:
-        from google.cloud import pubsub_v1
+        from google.cloud import pubsub_v1  # type: ignore[import-untyped]
 
         host = self.calls.emulator
         if not host:
