@@ -96,7 +96,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             self._client = self._make_client()
         self._generation += 1
         generation = self._generation
-        self._stream_limit = self._max_in_flight
+        self._stream_limit = max(self._max_in_flight, self.settings.flow_messages)
         # Each library lease extension is at most the engine's lease (Pub/Sub's floor is 10 s):
         # a worker that dies holding a message loses it for that long, not for the library's
         # default of up to 60 s.
