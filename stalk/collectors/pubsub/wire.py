@@ -75,6 +75,14 @@ def _cut(text: str, max_bytes: int, keep_end: bool = False) -> str:
     return raw[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
+def _short_lines(text: str, width: int = 160) -> str:
+    """Cut each line of a traceback to ``width``: a long exception message must not push the
+    frames (and its own type) out of the 1 KiB that is kept."""
+    return "\n".join(
+        line if len(line) <= width else line[: width - 3] + "..." for line in text.splitlines()
+    )
+
+
 def fit_attributes(own: dict[str, str], marks: dict[str, str]) -> dict[str, str]:
     """Return ``own`` (a producer's attributes) with ``marks`` (stalk's) inside the limits.
 
@@ -84,7 +92,10 @@ def fit_attributes(own: dict[str, str], marks: dict[str, str]) -> dict[str, str]
     """
     out: dict[str, str] = {}
     for key, value in marks.items():
-        out[key] = _cut(value, MAX_VALUE_BYTES, keep_end=key == ATTR_TRACEBACK)
+        if key == ATTR_TRACEBACK:
+            out[key] = _cut(_short_lines(value), MAX_VALUE_BYTES, keep_end=True)
+        else:
+            out[key] = _cut(value, MAX_VALUE_BYTES)
     for key, value in own.items():
         if len(out) >= MAX_ATTRIBUTES:
             break
