@@ -273,15 +273,16 @@ class PubSubAdapter(Adapter):
 
     # ----------------------------------------------------------------- deliveries
     def _lease_of(self, received: Any) -> Lease:
+        """Return the lease of a raw protobuf ``ReceivedMessage`` (see ``PubSubCalls.pull``)."""
         raw = received.message
         published = raw.publish_time
         return Lease(
             ack_id=received.ack_id,
-            data=bytes(raw.data),
+            data=raw.data,
             attributes=dict(raw.attributes),
             ordering_key=raw.ordering_key,
-            delivery_attempt=int(received.delivery_attempt or 0),
-            publish_time=published.timestamp() if published else None,
+            delivery_attempt=received.delivery_attempt,
+            publish_time=published.seconds + published.nanos / 1e9 if published.seconds else None,
         )
 
     def _message_of(self, lease: Lease, message_id: str) -> Message:

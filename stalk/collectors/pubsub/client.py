@@ -140,7 +140,8 @@ class PubSubCalls:
         )  # fmt: skip
 
     async def pull(self, path: str, max_messages: int, wait_s: float) -> list[Any]:
-        """One unary pull, waiting up to ``wait_s`` (at least 1 s) for a first message.
+        """One unary pull, waiting up to ``wait_s`` (at least 1 s) for a first message; returns
+        raw protobuf ``ReceivedMessage`` objects.
 
         The deadline is at least 1 s because the emulator answers an empty pull about a second
         before its deadline (so a short one returns at once, and none expires in transit with
@@ -159,7 +160,8 @@ class PubSubCalls:
             if isinstance(exc.__cause__, gexc.DeadlineExceeded):
                 return []
             raise
-        return list(response.received_messages)
+        # The raw protobuf, not proto-plus: its wrappers cost ~90 us a message (measured).
+        return list(types.PullResponse.pb(response).received_messages)
 
     async def acknowledge(self, path: str, ack_ids: Sequence[str]) -> None:
         """Ack ``ack_ids`` in requests of at most :data:`MAX_ACK_IDS`, all at once."""
