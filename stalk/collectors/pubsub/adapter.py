@@ -46,6 +46,7 @@ Error topic
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import math
@@ -60,6 +61,7 @@ from google.pubsub_v1 import types
 from stalk.collectors.base import Adapter, AdapterFeatures, Backlog
 from stalk.collectors.pubsub import wire
 from stalk.collectors.pubsub.client import PubSubCalls
+from stalk.collectors.pubsub.ordering import KeyGate
 from stalk.collectors.pubsub.settings import MAX_ACK_DEADLINE_S, PUBSUB_FEATURES, PubSubSettings
 from stalk.errors import (
     BackendError,
@@ -147,6 +149,9 @@ class PubSubAdapter(Adapter):
         self._max_attempts = 5
         self._tasks: set[asyncio.Task[None]] = set()
         self._said_no_counts = False
+        #: Holds later messages of an ordering key (subscriptions with message ordering).
+        self._gate: KeyGate | None = None
+        self._gate_task: asyncio.Task[None] | None = None
 
     def default_error_topic(self, source: str) -> str:
         """Name the error topic ``<subscription id>-errors``, in the source's project."""
@@ -243,6 +248,8 @@ class PubSubAdapter(Adapter):
     def _take_subscription(self, sub: types.Subscription) -> None:
         self._subscription, self._topic = sub.name, sub.topic
         self._ack_deadline_s = sub.ack_deadline_seconds or 10
+        if sub.enable_message_ordering:
+            self._gate = KeyGate(lambda m: m.receipt.ordering_key)
         policy = sub.dead_letter_policy
         self._counted = bool(policy.dead_letter_topic)
         if self._counted:
@@ -259,9 +266,14 @@ class PubSubAdapter(Adapter):
 
     async def close(self) -> None:
         """Wait for settles under way, close the clients. Idempotent."""
-        calls, self._calls = self._calls, None
-        if calls is None:
+        if self._calls is None:
             return
+        if self._gate_task is not None:
+            self._gate_task.cancel()
+        if self._gate is not None:
+            await self._give_back_quietly([m.receipt for m in self._gate.drain()])
+        calls, self._calls = self._calls, None
+        assert calls is not None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self.settings.call_timeout_s)
         await calls.close()
@@ -342,6 +354,50 @@ class PubSubAdapter(Adapter):
             data=lease.data, attributes=attributes, ordering_key=lease.ordering_key
         )
 
+    # ----------------------------------------------------------------- ordering keys
+    def _admit(self, messages: list[Message]) -> list[Message]:
+        """Return what may go to the engine now; later messages of a busy key are held."""
+        if self._gate is None:
+            return messages
+        if self._gate_task is None:
+            self._gate_task = asyncio.get_running_loop().create_task(self._tend_held())
+        return self._gate.admit(messages)
+
+    @abc.abstractmethod
+    def _hand(self, messages: list[Message]) -> None:
+        """Give messages the gate let go to the engine (pull: next poll; streaming: now)."""
+
+    def _settled(self, messages: Sequence[Message]) -> None:
+        """The engine is done with ``messages`` (acked or routed): open their keys."""
+        if self._gate is not None:
+            ready = [n for m in messages for n in self._gate.done(m)]
+            if ready:
+                self._hand(ready)
+
+    async def _tend_held(self) -> None:
+        """Keep held messages leased, and open keys whose retried head never came back."""
+        while self._calls is not None and self._gate is not None:
+            lease_s = min(math.ceil(self.visibility_timeout_s), MAX_ACK_DEADLINE_S)
+            await asyncio.sleep(max(0.5, lease_s / 2))
+            held = [m.receipt.ack_id for m in self._gate.held()]
+            if held and self._calls is not None:
+                try:
+                    await self.calls.modify(self.subscription, held, lease_s)
+                except BackendError as exc:
+                    logger.warning("pubsub: heartbeat of %d held message(s) failed (%s)",
+                                   len(held), exc)  # fmt: skip
+            ready = self._gate.overdue()
+            if ready:
+                self._hand(ready)
+
+    async def _give_back_quietly(self, leases: Sequence[Lease]) -> None:
+        if not leases or self._calls is None:
+            return
+        try:
+            await self._modify(leases, 0)
+        except BackendError as exc:  # they come back when their lease ends
+            logger.warning("pubsub: could not give back %d message(s) (%s)", len(leases), exc)
+
     # ----------------------------------------------------------------- settling
     def _forget(self, leases: Sequence[Lease]) -> None:
         """Stop the client library tracking ``leases`` (streaming mode); no-op in pull mode."""
@@ -362,9 +418,10 @@ class PubSubAdapter(Adapter):
         except BackendError as exc:
             if len(leases) == 1:
                 logger.warning("pubsub ack refused (%s); the message will be redelivered", exc)
-                return
-            for lease in leases:
-                await self._ack_quietly([lease], "ack")
+            else:
+                for lease in leases:
+                    await self._ack_quietly([lease], "ack")
+        self._settled(messages)
 
     async def _ack_quietly(self, leases: Sequence[Lease], what: str) -> None:
         """Ack after a copy was published: a failure only means a duplicate later, so it is
@@ -386,8 +443,11 @@ class PubSubAdapter(Adapter):
             logger.warning("pubsub heartbeat of %s failed (%s)", message.id, exc)
 
     async def release(self, message: Message) -> None:
-        """Modack 0: redelivered at once (a counted delivery under a dead-letter policy)."""
+        """Modack 0: redelivered at once (a counted delivery under a dead-letter policy); held
+        messages of its ordering key go back behind it."""
         await self._modify([message.receipt], 0)
+        if self._gate is not None:
+            await self._give_back_quietly([m.receipt for m in self._gate.released(message)])
 
     async def retry_later(self, message: Message, delay_s: float) -> None:
         """Modack the delay where Pub/Sub counts and it fits 600 s; else republish a copy
@@ -400,6 +460,8 @@ class PubSubAdapter(Adapter):
         seconds = max(0, math.ceil(delay_s))
         if self._counted and seconds <= MAX_ACK_DEADLINE_S:
             await self._modify([lease], seconds)
+            if self._gate is not None:
+                self._gate.retried(message, delay_s)
             return
         attrs = dict(lease.attributes)
         attrs[ATTR_ATTEMPT] = str(message.attempt + 1)
@@ -412,6 +474,8 @@ class PubSubAdapter(Adapter):
             attrs.pop(wire.ATTR_NOT_BEFORE, None)
         await self.calls.publish(self._topic, [self._pubsub_message(lease, attrs)])
         await self._ack_quietly([lease], "ack after the retry copy")
+        if self._gate is not None:
+            self._gate.retried(message, delay_s)
 
     async def publish_error(self, message: Message, failure: Failure) -> None:
         """Publish the body and the failure's attributes to the error topic, then ack.
@@ -427,6 +491,7 @@ class PubSubAdapter(Adapter):
             self._error_path, [types.PubsubMessage(data=lease.data, attributes=attrs)]
         )
         await self._ack_quietly([lease], "ack after the error copy")
+        self._settled([message])
 
     # ----------------------------------------------------------------- producing, counting
     def _outgoing(

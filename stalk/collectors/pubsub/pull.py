@@ -13,7 +13,7 @@ import math
 
 from stalk.collectors.base import PollingAdapter
 from stalk.collectors.pubsub.adapter import MODES, PubSubAdapter
-from stalk.collectors.pubsub.settings import MAX_ACK_DEADLINE_S
+from stalk.collectors.pubsub.settings import MAX_ACK_DEADLINE_S, PubSubSettings
 from stalk.errors import BackendError
 from stalk.message import Message
 
@@ -23,6 +23,17 @@ logger = logging.getLogger("stalk.collectors.pubsub")
 class PubSubPullAdapter(PubSubAdapter, PollingAdapter):
     """Pull mode; see :mod:`stalk.collectors.pubsub.adapter` for the rest of the mapping."""
 
+    def __init__(
+        self,
+        source: str | None = None,
+        *,
+        error_topic: str | None = None,
+        settings: PubSubSettings | None = None,
+    ) -> None:
+        super().__init__(source, error_topic=error_topic, settings=settings)
+        #: Messages the ordering gate let go, for the next ``get_messages``.
+        self._ready: list[Message] = []
+
     async def get_messages(self, max_messages: int, wait_s: float) -> list[Message]:
         """One pull; parked copies are hidden again, the batch's lease set to the engine's.
 
@@ -31,6 +42,9 @@ class PubSubPullAdapter(PubSubAdapter, PollingAdapter):
                 is gone (an emulator restart loses it).
         """
         path = self.subscription
+        if self._ready:  # let go by the ordering gate; kept leased by its heartbeat meanwhile
+            ready, self._ready = self._ready[:max_messages], self._ready[max_messages:]
+            return ready
         wait = min(wait_s, self.settings.wait_time_s)
         received = await self.calls.pull(path, min(max_messages, self.settings.max_messages), wait)
         if not received:
@@ -49,7 +63,11 @@ class PubSubPullAdapter(PubSubAdapter, PollingAdapter):
                 await parked
             else:
                 messages.append(self._message_of(lease, item.message.message_id))
-        return messages
+        return self._admit(messages)
+
+    def _hand(self, messages: list[Message]) -> None:
+        """Keep what the ordering gate let go for the next poll."""
+        self._ready.extend(messages)
 
 
 MODES["pull"] = PubSubPullAdapter

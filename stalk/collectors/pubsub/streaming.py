@@ -186,6 +186,9 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             self._spawn(parked)
             return
         message = self._message_of(lease, raw.message_id)
+        if not self._admit([message]):  # held behind its ordering key, heartbeated by us
+            raw.drop()
+            return
         if self._paused:
             self._spawn(self._give_back([lease]))
         elif len(self._held) < self._max_in_flight and self._deliver is not None:
@@ -201,6 +204,11 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             self._held.discard(lease)
         if self._waiting and self._loop is not None:
             self._loop.call_soon(self._hand_over)  # not from inside the engine's settle
+
+    def _hand(self, messages: list[Message]) -> None:
+        """Deliver what the ordering gate let go, within the local limit."""
+        self._waiting.extend(messages)
+        self._hand_over()
 
     def _hand_over(self) -> None:
         """Deliver waiting messages while the local limit has room."""
