@@ -299,6 +299,14 @@ class PubSubAdapter(Adapter):
 
     def _message_of(self, lease: Lease, message_id: str) -> Message:
         attrs = lease.attributes
+        if not attrs:  # the common case, kept to a few microseconds
+            counted = self._counted and lease.delivery_attempt > 0
+            return Message(
+                id=message_id, body=lease.data, attributes={},
+                attempt=lease.delivery_attempt if counted else 1,
+                enqueued_at=lease.publish_time, source=self.source or "", receipt=lease,
+                deliveries_counted=counted,
+            )  # fmt: skip
         carried = wire.carried_attempt(attrs)
         counted = self._counted and lease.delivery_attempt > 0
         enqueued = wire.number(attrs, wire.ATTR_ENQUEUED_AT)
@@ -319,6 +327,8 @@ class PubSubAdapter(Adapter):
         Early: hide it for what remains. Due, but delivered more than once under a dead-letter
         policy (hops counted): republish it so its count starts again at 1.
         """
+        if wire.ATTR_NOT_BEFORE not in lease.attributes:
+            return None
         due = wire.number(lease.attributes, wire.ATTR_NOT_BEFORE)
         if due is None:
             return None
