@@ -161,7 +161,8 @@ class PubSubAdapter(Adapter):
         return f"{source}-errors"
 
     def describe(self) -> str:
-        where = self._calls.where() if self._calls else "Pub/Sub"
+        host = self.settings.emulator_host or os.environ.get("PUBSUB_EMULATOR_HOST")
+        where = f"emulator {host}" if host else "pubsub.googleapis.com"
         return f"pubsub:{wire.short(self.source or '?')} ({self.settings.mode}, {where})"
 
     @property
