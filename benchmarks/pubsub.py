@@ -1,8 +1,9 @@
 """stalk's pubsub adapter beside the raw client loop of the same mode, same emulator, same run.
 
 Usage: ``python -m benchmarks.pubsub [--messages N] [--modes pull,streaming] [--concurrency C]
-[--repeat R] [--emulator HOST:PORT]``. Without ``--emulator`` it starts its own Pub/Sub emulator
-(the Cloud SDK's, as the tests find it) on a free loopback port and stops it at the end.
+[--pull-concurrency P] [--prefetch F] [--repeat R] [--emulator HOST:PORT]``. Without
+``--emulator`` it starts its own Pub/Sub emulator (the Cloud SDK's, as the tests find it) on a
+free loopback port and stops it at the end.
 
 Each round fills a fresh topic and subscription (ack deadline 30 s, the engine's default lease,
 no dead-letter policy) with ``N`` 100-byte messages, then times a cold drain until every message
@@ -12,7 +13,9 @@ is acked:
   awaited ``acknowledge`` of the batch, in a loop. Unary pull is ~15x faster than streaming pull
   on the emulator, so each mode is compared with its own raw loop only.
 - ``stalk pull``: :class:`stalk.BaseCollector` over ``PubSubAdapter(mode=pull)`` with a no-op
-  async handler, ``concurrency = C`` and ``prefetch = 100`` (one pull of 100 per lease).
+  async handler, ``concurrency = P`` (32) and ``prefetch = F`` (200): pulls of 100, as the raw
+  loop's, with the next one leased while a batch is handled and acked (the best of a sweep of
+  8/32/100 x 100/200/300 here).
 - ``raw streaming``: ``SubscriberClient.subscribe()`` with ``FlowControl(max_messages=C)`` and
   a callback that calls ``message.ack()``.
 - ``stalk streaming``: ``PubSubAdapter(mode=streaming, flow_messages=C)``, ``concurrency = C``.
@@ -93,6 +96,10 @@ async def raw_pull(host: str, name: str, n: int, concurrency: int) -> float:
     return elapsed
 
 
+#: stalk pull's engine settings (see the module docstring); set from the command line.
+PULL = {"concurrency": 32, "prefetch": 200}
+
+
 async def stalk_drain(host: str, name: str, n: int, concurrency: int, mode: str) -> float:
     async def handler(body: bytes) -> None:
         return None
@@ -100,7 +107,10 @@ async def stalk_drain(host: str, name: str, n: int, concurrency: int, mode: str)
     start = time.perf_counter()
     extra = {"flow_messages": concurrency} if mode == "streaming" else {}
     adapter = PubSubAdapter(name, settings=settings(host, mode=mode, **extra))
-    opts = CollectorOptions(concurrency=concurrency, prefetch=BATCH if mode == "pull" else None)
+    if mode == "pull":
+        opts = CollectorOptions(concurrency=PULL["concurrency"], prefetch=PULL["prefetch"])
+    else:
+        opts = CollectorOptions(concurrency=concurrency)
     collector = BaseCollector(adapter, handler, opts)
     await collector.start()
     collector.wake()
@@ -179,8 +189,9 @@ async def measure(
 
 def table(rates: dict[str, float], n: int, repeat: int, concurrency: int) -> str:
     lines = [
-        f"Pub/Sub emulator drain, {n} 100-byte messages, concurrency {concurrency}, "
-        f"median of {repeat}:",
+        f"Pub/Sub emulator drain, {n} 100-byte messages, median of {repeat}; streaming "
+        f"flow control {concurrency}; stalk pull concurrency {PULL['concurrency']}, prefetch "
+        f"{PULL['prefetch']}:",
         "",
         "| contender | msg/s | vs raw loop of the same mode |",
         "|---|---:|---:|",
@@ -197,11 +208,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--modes", default="pull,streaming")
     parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--pull-concurrency", type=int, default=32)
+    parser.add_argument("--prefetch", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--emulator", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     modes = [m for m in args.modes.split(",") if m]
+    PULL.update(concurrency=args.pull_concurrency, prefetch=args.prefetch)
     if args.emulator:
         rates = asyncio.run(measure(args.emulator, args.messages, modes, args.concurrency,
                                     args.repeat))  # fmt: skip
