@@ -42,6 +42,14 @@ class TestPubSubStreamingConformance(ConformanceSuite):
     def test_stop_releases_unstarted_for_redelivery_at_once(self, harness: PubSubHarness) -> None:
         super().test_stop_releases_unstarted_for_redelivery_at_once(harness)
 
+    @pytest.mark.xfail(
+        reason=f"{ZOMBIE_STREAM}: late, not lost (tests/backends/test_pubsub.py::"
+        "test_streaming_shutdown_with_held_messages_loses_nothing waits 90 s); often passes",
+        strict=False,
+    )
+    def test_stop_with_in_flight_loses_nothing(self, harness: PubSubHarness) -> None:
+        super().test_stop_with_in_flight_loses_nothing(harness)
+
     @pytest.mark.xfail(reason=f"{ZOMBIE_STREAM} (sleep cancels it; often passes)", strict=False)
     def test_sleep_stops_intake_and_wake_resumes(self, harness: PubSubHarness) -> None:
         super().test_sleep_stops_intake_and_wake_resumes(harness)
