@@ -32,6 +32,7 @@ BUILTIN: dict[str, tuple[str, str | None]] = {
     "sqs": ("stalk.collectors.sqs:SQSAdapter", "sqs"),
     "amqp": ("stalk.collectors.amqp:AMQPAdapter", "amqp"),
     "nsq": ("stalk.collectors.nsq:NSQAdapter", "nsq"),
+    "pubsub": ("stalk.collectors.pubsub:PubSubAdapter", "pubsub"),
 }
 
 
