@@ -23,6 +23,7 @@ import pytest
 
 from stalk import BaseCollector, CollectorOptions, retry
 from stalk.collectors.pubsub import PubSubAdapter, PubSubSettings, wire
+from stalk.collectors.pubsub.client import PubSubCalls
 from stalk.errors import BackendUnavailable, ConfigError, QueueNotFound
 from stalk.message import ATTR_ATTEMPTS, ATTR_ERROR, ATTR_REASON, ATTR_TRACEBACK
 from stalk.testing.harness import Recorder, Running, wait_for
@@ -266,12 +267,32 @@ def test_emulator_restart_keeps_the_worker_alive(
     emulator.stop()
 
 
-def test_streaming_shutdown_with_held_messages_loses_nothing(pubsub_emulator: Emulator) -> None:
+@pytest.mark.timeout(300)
+def test_streaming_shutdown_with_held_messages_loses_nothing(
+    pubsub_emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Handlers running, more waiting in the adapter past the local limit: ``stop(0)`` gives
-    every one back with unary calls (none depends on the cancelled stream)."""
+    every one back with unary calls (none depends on the cancelled stream) and acks none.
+
+    What was given back is checked on the wire (no acknowledge, a modack 0 for what was held),
+    so the proof does not rest on the emulator's redelivery, which can lag ~120 s after a
+    stream cancel; the redelivery is then awaited with room for that lag.
+    """
     harness = PubSubHarness(pubsub_emulator, mode="streaming")
     bodies = [f"held-{i}".encode() for i in range(8)]
     never = asyncio.Event()
+    acked: list[str] = []
+    given_back: list[str] = []
+    acknowledge, modify = PubSubCalls.acknowledge, PubSubCalls.modify
+
+    async def spy_ack(self: PubSubCalls, path: str, ack_ids: Any) -> None:
+        acked.extend(ack_ids)
+        await acknowledge(self, path, ack_ids)
+
+    async def spy_modify(self: PubSubCalls, path: str, ack_ids: Any, seconds: int) -> None:
+        if seconds == 0:
+            given_back.extend(ack_ids)
+        await modify(self, path, ack_ids, seconds)
 
     async def stuck(body: bytes) -> None:
         await never.wait()
@@ -280,6 +301,8 @@ def test_streaming_shutdown_with_held_messages_loses_nothing(pubsub_emulator: Em
         source, errors = harness.new_names()
         await harness.prepare(source, errors)
         await publish(harness, source, bodies)
+        monkeypatch.setattr(PubSubCalls, "acknowledge", spy_ack)
+        monkeypatch.setattr(PubSubCalls, "modify", spy_modify)
         c = collect(harness, source, stuck, concurrency=2)
         await c.start()
         c.wake()
@@ -287,11 +310,14 @@ def test_streaming_shutdown_with_held_messages_loses_nothing(pubsub_emulator: Em
         await asyncio.sleep(0.5)
         await c.stop(0)
         assert c.stats.released >= 2
+        assert acked == [], "a message no handler finished was acked"
+        assert len(set(given_back)) >= c.stats.released
+        monkeypatch.undo()
         rec = Recorder()  # a second streaming worker (unary pulls stall after a stream cancel)
         async with Running(collect(harness, source, rec, concurrency=4)):
-            await wait_for(lambda: set(rec.done) >= set(bodies), 90.0, "every message back")
+            await wait_for(lambda: set(rec.done) >= set(bodies), 240.0, "every message back")
 
-    asyncio.run(asyncio.wait_for(scenario(), 115.0))
+    asyncio.run(asyncio.wait_for(scenario(), 290.0))
 
 
 # ---------------------------------------------------------------------- errors and the CLI
