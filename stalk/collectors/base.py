@@ -367,6 +367,20 @@ class PushAdapter(Adapter):
     async def set_max_in_flight(self, n: int) -> None:
         """Change the broker-side in-flight limit live (``scale(n)``)."""
 
+    #: Set by the engine (:meth:`watch_delivery`): told why delivery is not running though it
+    #: should, and ``None`` once it runs again; /healthz fails meanwhile.
+    _delivery_watch: Callable[[str | None], None] | None = None
+
+    def watch_delivery(self, report: Callable[[str | None], None]) -> None:
+        """Have :meth:`report_delivery` call ``report`` (the engine, before :meth:`start`)."""
+        self._delivery_watch = report
+
+    def report_delivery(self, problem: str | None) -> None:
+        """Tell the engine why delivery stopped though it should run (a consumer the broker lost
+        and the adapter has not registered again yet), or ``None`` once it runs again."""
+        if self._delivery_watch is not None:
+            self._delivery_watch(problem)
+
 
 @runtime_checkable
 class ImmediateAck(Protocol):

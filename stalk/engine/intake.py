@@ -11,7 +11,7 @@ import abc
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from stalk.backoff import Backoff
@@ -26,6 +26,8 @@ logger = logging.getLogger("stalk.collector")
 
 #: Longest wait for more free slots before a poll (see ``PollIntake._gather_slots``).
 GATHER_S = 0.002
+#: First pause before a push adapter's failed start, resume or scale is tried again.
+RETRY_FIRST_S = 0.2
 #: Pause between the drained checks of ``--until-empty`` on a push source whose broker counts.
 DRAINED_TICK_S = 0.1
 
@@ -306,6 +308,8 @@ class PushIntake(Intake):
         #: intake's ``careful``, for the same reason: see ``PollIntake._lease_alone``).
         self.careful = True
         self._alone = 0
+        self._start_lock = asyncio.Lock()
+        adapter.watch_delivery(self._delivery_problem)
 
     async def start(self, awake: bool) -> None:
         self._begun = True
@@ -315,9 +319,47 @@ class PushIntake(Intake):
             self._watch()
 
     async def _start_delivery(self) -> None:
-        if not self._started:
-            self._started = True
-            await self.adapter.start(self._deliver, 1 if self.careful else self.host.running_slots)
+        async with self._start_lock:  # a retried start and a wake must not start twice
+            if not self._started:
+                limit = 1 if self.careful else self.host.running_slots
+                await self.adapter.start(self._deliver, limit)
+                self._started = True  # only now: a failed start is retried as a start
+
+    def _delivery_problem(self, problem: str | None) -> None:
+        """The adapter's word on delivery (a consumer the broker lost): /healthz follows it."""
+        host = self.host
+        if problem is not None:
+            if host.state == "awake":
+                host.set_health(False, f"delivery: {problem}")
+        elif not host.healthy and host.health_reason.startswith("delivery:"):
+            host.set_health(True, "ok")
+
+    async def _until_done(self, what: str, step: Callable[[], Awaitable[None]],
+                          wanted: Callable[[], bool]) -> None:  # fmt: skip
+        """Run ``step`` until it succeeds, with backoff, while ``wanted()``: a start, resume or
+        scale that a broker blip broke is retried, never dropped with its task."""
+        host = self.host
+        backoff = Backoff(RETRY_FIRST_S, max(host.options.max_polling_period_s, RETRY_FIRST_S))
+        while wanted():
+            try:
+                await step()
+            except Exception as exc:
+                host.stats.broker_errors += 1
+                wait = backoff.next()
+                self._delivery_problem(f"{what} failed: {exc or type(exc).__name__}")
+                logger.warning("%s on %s failed (%s); retrying in %.1fs",
+                               what, self.adapter.describe(), exc, wait)  # fmt: skip
+                await asyncio.sleep(wait)
+                continue
+            if host.health_reason.startswith(f"delivery: {what} failed"):
+                self._delivery_problem(None)
+            return
+
+    async def _wake_step(self) -> None:
+        if self._started:
+            await self.adapter.resume()
+        else:
+            await self._start_delivery()
 
     def _deliver(self, message: Message) -> None:
         host = self.host
@@ -335,8 +377,10 @@ class PushIntake(Intake):
         host.accept((message,))
 
     def wake(self) -> None:
-        resume = self.adapter.resume() if self._started else self._start_delivery()
-        self.host.tasks.spawn(resume, "stalk-resume")
+        self.host.tasks.spawn(
+            self._until_done("resume", self._wake_step, lambda: self.host.state == "awake"),
+            "stalk-resume",
+        )
 
     def sleep(self) -> None:
         self.host.tasks.spawn(self.adapter.pause(), "stalk-pause")
@@ -345,7 +389,12 @@ class PushIntake(Intake):
         if self.careful:  # the limit rises once the first fresh message arrives
             return
         self.host.tasks.spawn(
-            self.adapter.set_max_in_flight(self.host.running_slots), "stalk-scale"
+            self._until_done(
+                "scale",
+                lambda: self.adapter.set_max_in_flight(self.host.running_slots),
+                lambda: self.host.state in ("awake", "asleep"),
+            ),
+            "stalk-scale",
         )
 
     async def stop(self, grace_s: float) -> None:

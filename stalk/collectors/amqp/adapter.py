@@ -44,7 +44,10 @@ Error topic
 
 Reconnect
     ``connect_robust`` reconnects every ``reconnect_interval_s``; aio-pika re-declares queues,
-    binding and QoS, and the adapter consumes again. RabbitMQ redelivers what the lost channel
+    binding and QoS, and the adapter consumes again: what is wanted (consuming, the prefetch) is
+    recorded before it is tried, and the consumer's keeper retries until RabbitMQ has exactly one
+    consumer, so a cut under ``start``/``resume``/a prefetch change never leaves none (/healthz
+    fails while it is missing). RabbitMQ redelivers what the lost channel
     held; settling those on the dead channel is skipped, never done on the new one. An
     unreachable broker at ``open`` raises :class:`BackendUnavailable` in one line, at once or
     after ``connect_wait_s`` of retries.
@@ -168,7 +171,11 @@ class AMQPAdapter(PushAdapter):
             await self.close()
             raise
         self._consumer = Consumer(
-            consume_ch, self._source, self._on_delivery, self.settings.timeout_s
+            consume_ch,
+            self._source,
+            self._on_delivery,
+            self.settings.timeout_s,
+            on_problem=self.report_delivery,
         )
         consume_ch.reopen_callbacks.add(self._on_reopen)
 
@@ -188,7 +195,8 @@ class AMQPAdapter(PushAdapter):
                 logger.debug("closing %s: %s", self.describe(), exc)
 
     def _on_reopen(self, *_: object) -> None:
-        logger.info("channel to %s reopened; topology and consumer restored", self.describe())
+        # the consumer's keeper registers the consumer again on the new channel (consumer.py)
+        logger.info("channel to %s reopened; topology restored", self.describe())
         self._buckets.clear()  # a reset broker lost them: declare again
         self._found_buckets.clear()  # and look for the buckets by name again
         self._scan_next = 0
