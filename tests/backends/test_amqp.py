@@ -392,3 +392,46 @@ def test_unreachable_broker_is_one_clear_line_without_password() -> None:
     assert "127.0.0.1:1" in text and "rabbitmqctl" in text
     assert "s3cret" not in text and "alice" not in text
     assert "s3cret" not in adapter.describe() and "alice" not in adapter.describe()
+
+
+def test_until_empty_on_a_queue_that_never_delayed_probes_no_delay_bucket(
+    amqp_harness: AMQPHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket names are scanned only where the source's marker queue says some exist: an
+    empty queue that never retried ends ``--until-empty`` without ~150 passive declares. With a
+    retry pending, the marker exists and the drain waits for it (hole 8 of issue 14)."""
+    from stalk.collectors.amqp import broker
+
+    harness = amqp_harness
+    probed: list[str] = []
+    count = broker.count
+
+    async def spy(connection: Any, queue: str) -> int | None:
+        probed.append(queue)
+        return await count(connection, queue)
+
+    monkeypatch.setattr(broker, "count", spy)
+
+    async def scenario() -> None:
+        source, errors = harness.new_names()
+        await asyncio.wait_for(BaseCollector(
+            harness.make_adapter(source, errors), Recorder(), options()
+        ).serve(until_empty=True), PATIENCE_S)  # fmt: skip
+        buckets = [q for q in probed if ".stalk-delay." in q]
+        assert buckets == [] and f"{source}.stalk-delays" in probed, probed
+
+        probed.clear()
+        adapter = harness.make_adapter(source, errors)
+        await adapter.open()
+        try:
+            await adapter.publish(b"later", delay_s=1.0)
+        finally:
+            await adapter.close()
+        recorder = Recorder()
+        await asyncio.wait_for(BaseCollector(
+            harness.make_adapter(source, errors), recorder, options()
+        ).serve(until_empty=True), PATIENCE_S)  # fmt: skip
+        assert recorder.done == [b"later"]
+        assert delay_queue_name(source, bucket_ms(1.0)) in probed
+
+    run(scenario())

@@ -366,13 +366,20 @@ class AMQPAdapter(PushAdapter):
         """Find the delay buckets of the source that exist, by name; return what they hold.
 
         AMQP cannot list queues without the management plugin, but the bucket ladder is a fixed
-        list of ~150 names, probed with passive declares (~1 s on loopback). Done once per
+        list of ~150 names, probed with passive declares (~1 s on loopback), and only where the
+        source's marker queue (:func:`topology.delay_marker_name`) exists. Done once per
         connection, and only when the source looks drained (so a busy worker never pays it);
         each missing name is one ``not_found`` line in RabbitMQ's log. A scan cut short (a
         caller's timeout) resumes where it stopped. Later buckets are this process's own.
         """
         every = topo.all_buckets()
         held = 0
+        if (
+            self._scan_next == 0
+            and await broker.count(conn, topo.delay_marker_name(self._source)) is None
+        ):
+            self._scan_next = len(every)  # no marker: no stalk process ever delayed on this source
+            return 0
         while self._scan_next < len(every):
             ms = every[self._scan_next]
             found = await broker.count(conn, self._bucket(ms))

@@ -194,6 +194,13 @@ class Publisher:
         if now - self.buckets.get(ms, -1e18) >= topo.redeclare_every_s(ms):
             args = topo.delay_queue_arguments(self.source, ms, self.settings.queue_type)
             try:
+                await self.channel.declare_queue(  # first: no bucket without its marker
+                    topo.delay_marker_name(self.source),
+                    durable=True,
+                    arguments=topo.delay_marker_arguments(),
+                    robust=False,
+                    timeout=self.settings.timeout_s,
+                )
                 await self.channel.declare_queue(
                     name,
                     durable=True,

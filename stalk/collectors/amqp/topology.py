@@ -134,6 +134,22 @@ def redeclare_every_s(ms: int) -> float:
     return (delay_expires_ms(ms) - ms) / 2000.0
 
 
+def delay_marker_name(source: str) -> str:
+    """Name the empty queue that says a source has (or had) delay buckets.
+
+    Declared before any bucket of the source, with the longest bucket's expiry and again at
+    each bucket's re-declare, so it outlives every bucket. ``--until-empty`` probes this one name
+    first and scans the ~150 bucket names only where it exists: an empty queue that never
+    retried ends without 150 passive declares (and 150 ``not_found`` lines in RabbitMQ's log).
+    """
+    return f"{source}.stalk-delays"
+
+
+def delay_marker_arguments() -> dict[str, Any]:
+    """Return the marker's arguments: the expiry of the longest delay bucket, never less."""
+    return {"x-expires": delay_expires_ms(MAX_DELAY_MS)}
+
+
 def delay_queue_arguments(source: str, ms: int, queue_type: QueueType) -> dict[str, Any]:
     """Return the arguments of a delay bucket: TTL, dead-letter back to the source, expiry.
 
