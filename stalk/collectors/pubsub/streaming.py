@@ -179,7 +179,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             raw.nack()
             return
         if self._closing:
-            self._spawn(self._give_back([lease]))
+            self._spawn(self._give_back_quietly([lease]))
             return
         parked = self._parked(lease)
         if parked is not None:
@@ -190,7 +190,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             raw.drop()
             return
         if self._paused:
-            self._spawn(self._give_back([lease]))
+            self._spawn(self._give_back_quietly([lease]))
         elif len(self._held) < self._max_in_flight and self._deliver is not None:
             self._held.add(lease)
             self._deliver(message)
@@ -218,14 +218,6 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             if self._deliver is not None:
                 self._deliver(message)
 
-    async def _give_back(self, leases: Sequence[Lease]) -> None:
-        if not leases or self._calls is None:
-            return
-        try:
-            await self._modify(leases, 0)
-        except BackendError as exc:  # they come back when their lease ends
-            logger.warning("pubsub: could not give back %d message(s) (%s)", len(leases), exc)
-
     def _take_waiting(self) -> list[Lease]:
         waiting = [m.receipt for m in self._waiting]
         self._waiting.clear()
@@ -245,7 +237,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
         """Cancel the stream; delivered messages stay ackable, waiting ones go back."""
         self._paused = True
         await self._close_stream()
-        await self._give_back(self._take_waiting())
+        await self._give_back_quietly(self._take_waiting())
 
     async def resume(self) -> None:
         """Open a new stream. Idempotent."""
@@ -280,7 +272,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
         if ack:
             await self.ack(messages)
         else:
-            await self._give_back([m.receipt for m in messages])
+            await self._give_back_quietly([m.receipt for m in messages])
 
     # ------------------------------------------------------------------ lifecycle
     async def close(self) -> None:
@@ -290,7 +282,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             self._reconnect.cancel()
         await self._close_stream()
         if self._calls is not None:
-            await self._give_back(self._take_waiting())
+            await self._give_back_quietly(self._take_waiting())
         self._held.clear()
         client, self._client = self._client, None
         if client is not None:
