@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,17 +24,11 @@ from typing import Any
 import pytest
 
 from stalk.testing import AdapterHarness, require_broker
+from tests.brokers import free_port
 
 #: Seconds nsqd may take to answer /ping.
 START_TIMEOUT_S = 30.0
 HINT = "build it with scripts/start-nsqd.sh (needs Go) or put nsqd on PATH"
-
-
-def free_port() -> int:
-    """Return a loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def nsqd_binary() -> str | None:

@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import pytest
 
 from stalk.testing import AdapterHarness, require_broker
+from tests.brokers import free_port
 
 #: Seconds the emulator may take to answer (a JVM on a loaded 2-core machine).
 START_TIMEOUT_S = 60.0
@@ -38,13 +38,6 @@ PROJECT = "stalk-test"
 #: retries, so stalk routes first and ``delivery_attempt`` is filled.
 MAX_DELIVERY_ATTEMPTS = 100
 HINT = "install the Google Cloud CLI's pubsub-emulator component (and Java 11+)"
-
-
-def free_port() -> int:
-    """Return a loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def emulator_binary() -> str | None:

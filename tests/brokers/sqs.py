@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from stalk.testing import AdapterHarness, require_broker
+from tests.brokers import free_port
 
 #: Region every test queue lives in.
 REGION = "us-east-1"
@@ -36,13 +36,6 @@ FAKE_AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 _UNSET = ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS")
-
-
-def free_port() -> int:
-    """Return a loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(endpoint: str) -> bool:

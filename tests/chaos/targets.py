@@ -28,6 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.brokers import free_port
 from tests.chaos.proxy import Proxy
 
 BACKENDS = ("local", "sqs", "amqp", "amqp-quorum", "nsq")
@@ -196,17 +197,11 @@ class SQSTarget(Target):
             os.kill(pid, signal.SIGCONT)
 
 
-def _free_port() -> int:
-    from tests.brokers.nsq import free_port
-
-    return free_port()
-
-
 class RabbitNode:
     """A RabbitMQ node of our own: ``chaos-<port>@localhost`` with its own ports and data."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port, self.dist_port = _free_port(), _free_port()
+        self.port, self.dist_port = free_port(), free_port()
         self.name = f"chaos{self.port}@localhost"
         self.base = Path(tempfile.mkdtemp(prefix="stalk-chaos-rmq-"))
         self.log = workdir / "rabbitmq.log"
