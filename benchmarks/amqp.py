@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 
+from benchmarks import drain_seconds
 from stalk import BaseCollector, CollectorOptions
 from stalk.collectors.amqp import AMQPAdapter, AMQPSettings
 
@@ -104,13 +105,7 @@ async def stalk_amqp(url: str, queue: str, n: int, prefetch: int) -> float:
     start = time.perf_counter()
     adapter = AMQPAdapter(queue, settings=AMQPSettings(url=url))
     collector = BaseCollector(adapter, handler, CollectorOptions(concurrency=prefetch))
-    await collector.start()
-    collector.wake()
-    while collector.stats.acked < n:
-        await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - start
-    await collector.stop(5.0)
-    return elapsed
+    return await drain_seconds(collector, n, start)
 
 
 async def faststream(url: str, queue: str, n: int, prefetch: int) -> float:

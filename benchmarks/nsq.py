@@ -39,6 +39,7 @@ from pathlib import Path
 
 import nsq  # type: ignore[import-untyped]
 
+from benchmarks import drain_seconds
 from stalk import BaseCollector, CollectorOptions
 from stalk.collectors.nsq import NSQAdapter, NSQSettings, http
 
@@ -125,13 +126,7 @@ async def stalk_nsq(tcp: str, topic: str, n: int, max_in_flight: int) -> float:
     start = time.perf_counter()
     adapter = NSQAdapter(topic, settings=NSQSettings(nsqd=tcp, nsqd_http=""))
     collector = BaseCollector(adapter, handler, CollectorOptions(concurrency=max_in_flight))
-    await collector.start()
-    collector.wake()
-    while collector.stats.acked < n:
-        await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - start
-    await collector.stop(5.0)
-    return elapsed
+    return await drain_seconds(collector, n, start)
 
 
 async def raw_ansq(tcp: str, topic: str, n: int, max_in_flight: int) -> float:

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
+from benchmarks import drain_seconds
 from stalk import BaseCollector, CollectorOptions
 from stalk.collectors.pubsub import PubSubAdapter, PubSubSettings
 from tests.brokers.pubsub import PROJECT, Emulator, create, emulator_binary
@@ -112,13 +113,7 @@ async def stalk_drain(host: str, name: str, n: int, concurrency: int, mode: str)
     else:
         opts = CollectorOptions(concurrency=concurrency)
     collector = BaseCollector(adapter, handler, opts)
-    await collector.start()
-    collector.wake()
-    while collector.stats.acked < n:
-        await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - start
-    await collector.stop(5.0)
-    return elapsed
+    return await drain_seconds(collector, n, start)
 
 
 async def stalk_pull(host: str, name: str, n: int, concurrency: int) -> float:
