@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from stalk import BaseCollector, CollectorOptions, Message, fatal, retry
 from stalk.collectors.memory import MemoryAdapter, MemoryBroker
 from stalk.errors import BackendUnavailable
@@ -229,6 +231,37 @@ def test_engine_handler_raising_system_exit_keeps_worker() -> None:
         c.wake()
         await wait_for(lambda: c.stats.acked >= 3, 20, "all three settled")
         assert c.stats.errored["retries_exhausted"] == 1
+        await c.stop()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
+def test_engine_handler_raising_a_base_exception_is_a_failure(
+    kind: str, raised: type[BaseException]
+) -> None:
+    """A handler's own KeyboardInterrupt or SystemExit (sync on a worker thread, or async) is a
+    failed message routed to the error topic, not the end of the worker."""
+
+    def sync_handler(body: bytes) -> None:
+        if body == b"bad":
+            raise raised()
+
+    async def async_handler(body: bytes) -> None:
+        sync_handler(body)
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        for body in (b"bad", b"a", b"b"):
+            broker.put("q", body, {}, 0)
+        handler = sync_handler if kind == "sync" else async_handler
+        c = BaseCollector(MemoryAdapter("q", broker=broker), handler, options(max_retries=0))
+        await c.start()
+        c.wake()
+        await wait_for(lambda: c.stats.acked >= 3, 20, "all three settled")
+        assert c.stats.errored["retries_exhausted"] == 1
+        assert [m.body for m in broker.lease("q-errors", 10, 30)] == [b"bad"]
         await c.stop()
 
     run(scenario())
