@@ -281,7 +281,9 @@ def test_redrive_moves_errors_back_with_attempts_reset_and_metadata_kept(db: Pat
 
 
 # ---------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("name", ["a/b", "../etc/passwd", "a\\b", "with space", "", "x" * 10_000])
+@pytest.mark.parametrize(
+    "name", ["a/b", "../etc/passwd", "a\\b", "a\x00b", "with space", "", "x" * 10_000]
+)
 def test_bad_queue_name_is_a_clear_error(db: Path, name: str) -> None:
     async def scenario() -> None:
         adapter = LocalAdapter(name or None, settings=LocalSettings(path=str(db)))
