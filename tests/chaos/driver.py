@@ -645,7 +645,7 @@ class Driver:
             # again on redelivery. Every copy must be a byte-identical `poison`; the extra copies
             # are already counted as duplicates above.
             identical = all(body == self.expected[number] for body, _ in copies)
-            if copies and identical and set(reasons) == {"poison"}:
+            if set(reasons) == {"poison"} and identical:
                 report.pills_routed += 1
             else:
                 report.problems.append(f"pill {number}: on the error topic as {reasons}")

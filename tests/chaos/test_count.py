@@ -72,17 +72,17 @@ def test_a_missing_id_a_changed_body_and_a_misrouted_pill_fail_the_count(tmp_pat
 def test_a_pill_routed_twice_counts_as_routed_and_duplicated(tmp_path: Path) -> None:
     """An error copy published again after a failed ack (at-least-once) is a duplicate, not a
     misroute; a second copy with another reason or another body still fails the count."""
-    driver = _driver(tmp_path)
-    calls = driver.calls_dir
-    _calls(calls, 10, [(0, 1.0, "ok"), (1, 1.0, "ok"), (2, 1.0, "ok"), (3, 1.0, "ok")])
+    healthy_done = [(number, 1.0, "ok") for number in range(4)]
     pill = (4, body_of(4, "poison"), {"stalk-reason": "poison"})
-    _errors(calls, [pill, pill])
+    driver = _driver(tmp_path)
+    _calls(driver.calls_dir, 10, healthy_done)
+    _errors(driver.calls_dir, [pill, pill])
     driver._count()
     assert driver.report.pills_routed == 1 and driver.report.ok, driver.report.table()
     assert driver.report.duplicated == 1
 
     other = _driver(tmp_path / "other")
-    _calls(other.calls_dir, 10, [(0, 1.0, "ok"), (1, 1.0, "ok"), (2, 1.0, "ok"), (3, 1.0, "ok")])
+    _calls(other.calls_dir, 10, healthy_done)
     _errors(other.calls_dir, [pill, (4, body_of(4, "poison") + b"!", {"stalk-reason": "poison"})])
     other._count()
     assert other.report.pills_routed == 0

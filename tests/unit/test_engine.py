@@ -217,25 +217,6 @@ def test_engine_until_empty_waits_for_pending_retries() -> None:
     run(scenario())
 
 
-def test_engine_handler_raising_system_exit_keeps_worker() -> None:
-    async def handler(body: bytes) -> None:
-        if body == b"exit":
-            raise SystemExit(3)
-
-    async def scenario() -> None:
-        broker = MemoryBroker()
-        for body in (b"exit", b"a", b"b"):
-            broker.put("q", body, {}, 0)
-        c = BaseCollector(MemoryAdapter("q", broker=broker), handler, options(max_retries=0))
-        await c.start()
-        c.wake()
-        await wait_for(lambda: c.stats.acked >= 3, 20, "all three settled")
-        assert c.stats.errored["retries_exhausted"] == 1
-        await c.stop()
-
-    run(scenario())
-
-
 @pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, SystemExit])
 def test_engine_handler_raising_a_base_exception_is_a_failure(
