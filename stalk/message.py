@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from stalk.redaction import redact
 
@@ -23,10 +25,12 @@ ATTR_TRACEBACK = "stalk-traceback"
 #: Attempt number carried by adapters whose broker does not count deliveries itself.
 ATTR_ATTEMPT = "stalk-attempt"
 
-#: Longest error text put into metadata; brokers limit attribute sizes (SQS: 256 KiB in all).
+#: Longest error text put into metadata; brokers limit attribute sizes (SQS: 1 MiB in all).
 MAX_ERROR_TEXT = 2000
+#: Error text kept on a copy whose full metadata did not fit beside its body.
+SHORT_ERROR_TEXT = 200
 #: Frames and characters of the traceback kept on an error copy: enough to find the line, small
-#: enough for every backend's attribute limits (SQS: 256 KiB for body and attributes together).
+#: enough for every backend's attribute limits (SQS: 1 MiB for body and attributes together).
 TRACEBACK_FRAMES = 8
 MAX_TRACEBACK_TEXT = 4000
 
@@ -106,6 +110,9 @@ class Failure:
             name (``Fatal`` for ``fatal("...")``, see ``TEXT_ERROR_TYPES``).
         traceback: where a raised exception came from (``format_traceback``, redacted too),
             or ``""``.
+        detail: how much of it :meth:`to_attributes` writes: ``full``; ``reason`` alone; or
+            ``none``, for a body at the broker's limit that no metadata fits beside
+            (:meth:`smaller`).
     """
 
     reason: str
@@ -117,6 +124,7 @@ class Failure:
     first_failure_at: float
     last_failure_at: float
     traceback: str = ""
+    detail: Literal["full", "reason", "none"] = "full"
 
     @classmethod
     def build(cls, message: Message, reason: str, error: BaseException | str | None) -> Failure:
@@ -146,9 +154,21 @@ class Failure:
             traceback=format_traceback(error),
         )
 
+    def smaller(self) -> Iterator[Failure]:
+        """Yield ever smaller versions of this failure, for a copy the broker refused as too
+        large: the body never gives way, the metadata does (no traceback and a short error,
+        then the reason alone, then nothing). The engine logs what the copy lost."""
+        yield dataclasses.replace(self, traceback="", error=self.error[:SHORT_ERROR_TEXT])
+        yield dataclasses.replace(self, detail="reason")
+        yield dataclasses.replace(self, detail="none")
+
     def to_attributes(self) -> dict[str, str]:
         """Return the failure as string attributes, all prefixed ``stalk-``: eight, and
-        ``stalk-traceback`` when a raised exception has one."""
+        ``stalk-traceback`` when a raised exception has one (fewer as ``detail`` says)."""
+        if self.detail == "none":
+            return {}
+        if self.detail == "reason":
+            return {ATTR_REASON: self.reason}
         attributes = {
             ATTR_REASON: self.reason,
             ATTR_ERROR: self.error,

@@ -204,6 +204,16 @@ def to_result(value: object, handler_name: str) -> Result:
         return OK
     if isinstance(value, Result):
         return value
+    if inspect.iscoroutine(value):
+        # Closed here so Python does not warn "never awaited" later, far from its cause.
+        value.close()
+        return Result(
+            error=TypeError(
+                f"handler {handler_name} returned a coroutine it did not await; expected "
+                "stalk.Result or None (make the handler async def, or await the call)"
+            ),
+            fatal=True,
+        )
     return Result(
         error=TypeError(
             f"handler {handler_name} returned {type(value).__name__}; expected stalk.Result or None"

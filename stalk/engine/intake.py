@@ -370,9 +370,31 @@ class PushIntake(Intake):
                 self.careful = False
                 logger.debug("delivery limit back to %d after %d alone", host.running_slots,
                              self._alone)  # fmt: skip
-                self.scale(host.concurrency)
+                host.tasks.spawn(self._raise_limit_then_accept(message), "stalk-careful-end")
+                return
         if host.state in ("draining", "stopped"):
             host.tasks.spawn(host.release(message), "stalk-release")
+            return
+        host.accept((message,))
+
+    async def _raise_limit_then_accept(self, message: Message) -> None:
+        """Raise the broker's limit from 1 while ``message``, unsettled, fills it; then run it.
+
+        Raising it may re-consume (AMQP applies a new prefetch to new consumers only). Were the
+        message handled and acked first, the broker could be sending the next one to the
+        consumer being cancelled, and a quorum queue returns such a delivery counted: a healthy
+        message one step nearer ``poison`` on every start (measured: 1 start in 15 with
+        ``--max-retries 0``). Held unsettled, it keeps that consumer full, so nothing is on
+        its way to it.
+        """
+        host = self.host
+        await self._until_done(
+            "scale",
+            lambda: self.adapter.set_max_in_flight(host.running_slots),
+            lambda: host.state in ("awake", "asleep"),
+        )
+        if host.state in ("draining", "stopped"):
+            await host.release(message)
             return
         host.accept((message,))
 

@@ -31,6 +31,7 @@ from stalk.engine.policy import (
     decide,
 )
 from stalk.engine.stats import CollectorStats
+from stalk.errors import MessageTooLarge
 from stalk.message import ATTR_FIRST_FAILURE_AT, TEXT_ERROR_TYPES, Failure, Message
 from stalk.result import Result
 from stalk.tasks import TaskSet
@@ -225,8 +226,9 @@ class Settler:
                     exc_info=exc_info,
                 )
             else:
-                failure = self._failure(message, action.reason, result)
-                await self.adapter.publish_error(message, failure)
+                failure = await self._publish_error(
+                    message, self._failure(message, action.reason, result)
+                )
                 self.stats.errored[action.reason] += 1
                 self.stats.acked += 1  # the original is gone from the source, as after an ack
                 logger.warning(
@@ -249,6 +251,32 @@ class Settler:
             if not self.adapter.features.visibility_timeout:
                 await self.release(message)
         self.finish(message)
+
+    async def _publish_error(self, message: Message, failure: Failure) -> Failure:
+        """Publish the error copy; where the broker refuses it as too large, with less metadata
+        (never less body), so a message at the broker's limit is routed, not redelivered
+        forever. Return the failure as published."""
+        try:
+            await self.adapter.publish_error(message, failure)
+            return failure
+        except MessageTooLarge as exc:
+            refused = exc
+        for smaller in failure.smaller():
+            try:
+                await self.adapter.publish_error(message, smaller)
+            except MessageTooLarge as exc:
+                refused = exc
+                continue
+            logger.warning(
+                "error copy of message %s kept %s metadata (%s): its %d-byte body left no "
+                "room for more",
+                message.id,
+                {"full": "short", "reason": "only the reason as", "none": "no"}[smaller.detail],
+                refused,
+                len(message.body),
+            )
+            return smaller
+        raise refused
 
     @staticmethod
     def _failure(message: Message, reason: str, result: Result) -> Failure:

@@ -258,7 +258,15 @@ async def read_errors(harness: AdapterHarness, error_topic: str, count: int) -> 
     recorder = Recorder()
     source = harness.error_source(error_topic)
     probe = harness.make_adapter(source, "unused")
-    c = collector(harness, source, probe.default_error_topic(source), recorder, concurrency=4)
+    # No body limit: whatever is on the error topic is read back, a too_large copy included.
+    c = collector(
+        harness,
+        source,
+        probe.default_error_topic(source),
+        recorder,
+        concurrency=4,
+        max_message_bytes=2**31,
+    )
     async with Running(c):
         await wait_for(
             lambda: len(recorder.done) >= count,

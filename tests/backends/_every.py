@@ -1,5 +1,5 @@
 """One fixture, ``every_backend``, for tests that must hold on local, sqs, amqp (classic and
-quorum) and nsq alike: a conformance harness to publish and read errors with, and the
+quorum), nsq and pubsub alike: a conformance harness to publish and read errors with, and the
 ``stalk run`` arguments that reach the same broker from a real subprocess."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from stalk.collectors.base import Adapter
 from stalk.testing import AdapterHarness
 
-BACKENDS = ("local", "sqs", "amqp", "amqp-quorum", "nsq")
+BACKENDS = ("local", "sqs", "amqp", "amqp-quorum", "nsq", "pubsub")
 
 
 class LocalFileHarness(AdapterHarness):
@@ -42,6 +42,9 @@ class Backend:
     cli: list[str] = field(default_factory=list)
     #: Largest body the backend accepts (the engine's ``max_message_bytes`` aside).
     max_body: int | None = None
+    #: Seconds until a dead worker's leases come back where ``--until-empty`` cannot see them
+    #: (Pub/Sub: no count of leased messages; its ack deadline is at least 10 s).
+    unseen_lease_s: float = 0.0
 
     def args(self, source: str) -> list[str]:
         return [*self.cli, "--source", source]
@@ -62,8 +65,15 @@ def every_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
     """Yield each backend in turn (a missing broker skips, or fails in CI, as its fixture does)."""
     name: str = request.param
     if name == "local":
+        from stalk.collectors.local import LocalSettings
+
         db = tmp_path / "stalk.db"
-        yield Backend(name, LocalFileHarness(db), ["--backend", "local", "--option", f"path={db}"])
+        yield Backend(
+            name,
+            LocalFileHarness(db),
+            ["--backend", "local", "--option", f"path={db}"],
+            max_body=LocalSettings.model_fields["max_message_bytes"].default,
+        )
     elif name == "sqs":
         from tests.brokers.sqs import REGION, SQSHarness
 
@@ -73,7 +83,7 @@ def every_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
             SQSHarness(endpoint),
             ["--backend", "sqs", "--option", f"endpoint_url={endpoint}",
              "--option", f"region={REGION}"],
-            max_body=256 * 1024,
+            max_body=1024 * 1024,  # SQS's MaximumMessageSize since 2025 (moto's too)
         )  # fmt: skip
     elif name.startswith("amqp"):
         from tests.brokers.amqp import AMQPHarness
@@ -90,6 +100,19 @@ def every_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
             )  # fmt: skip
         finally:
             harness.cleanup()
+    elif name == "pubsub":
+        from stalk.collectors.pubsub.wire import MAX_MESSAGE_BYTES
+        from tests.brokers.pubsub import PROJECT, PubSubHarness
+
+        emulator: Any = request.getfixturevalue("pubsub_emulator")
+        yield Backend(
+            name,
+            PubSubHarness(emulator),
+            ["--backend", "pubsub", "--option", f"project={PROJECT}",
+             "--option", f"emulator_host={emulator.host}"],
+            max_body=MAX_MESSAGE_BYTES,
+            unseen_lease_s=10.0,
+        )  # fmt: skip
     else:
         from stalk.collectors.nsq.settings import DEFAULT_MAX_MESSAGE_BYTES
         from tests.brokers.nsq import NSQHarness

@@ -74,3 +74,9 @@ def test_error_topic_round_trip_with_binary_body(nsq_harness: NSQHarness) -> Non
         assert dead[0].attributes[ATTR_REASON] == "fatal"
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
+
+
+def test_an_empty_body_is_wrapped_so_nsqd_takes_it_and_it_round_trips() -> None:
+    data = envelope.wrap(b"", {})
+    assert data  # nsqd refuses a 0-byte message
+    assert envelope.unwrap(data) == (b"", {})

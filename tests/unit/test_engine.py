@@ -305,3 +305,65 @@ def test_engine_until_empty_on_push_adapter_started_first() -> None:
         assert rec.done == [b"x"] and c.state == "stopped"
 
     run(scenario())
+
+
+def test_engine_push_raises_the_careful_limit_before_the_first_fresh_message_runs() -> None:
+    """The start limit of 1 is raised while the fresh message that ends it is unsettled: were it
+    handled and acked first, the broker could be sending the next one to the consumer that
+    raising the limit cancels (AMQP re-consumes), and a quorum queue returns that one counted."""
+    from stalk.collectors.memory import MemoryPushAdapter
+
+    events: list[str] = []
+
+    class Watched(MemoryPushAdapter):
+        async def set_max_in_flight(self, n: int) -> None:
+            events.append(f"limit {n}")
+            await asyncio.sleep(0.05)  # a re-consume's round trips
+            await super().set_max_in_flight(n)
+            events.append("raised")
+
+    def handler(body: bytes) -> None:
+        events.append(f"handle {body.decode()}")
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        broker.put("q", b"a", {}, 0)
+        broker.put("q", b"b", {}, 0)
+        c = BaseCollector(Watched("q", broker=broker), handler, options(concurrency=4))
+        await c.serve(until_empty=True)
+
+    run(scenario())
+    assert events[:3] == ["limit 4", "raised", "handle a"], events
+
+
+def test_engine_error_copy_too_large_gives_up_metadata_not_the_body() -> None:
+    """A body at the broker's limit leaves no room for the failure metadata: the copy goes with
+    less of it (here the reason alone), never redelivered forever for want of room."""
+    from stalk.errors import MessageTooLarge
+
+    offered: list[dict[str, str]] = []
+
+    class Tight(MemoryAdapter):
+        async def publish_error(self, message: Message, failure: Failure) -> None:
+            offered.append(failure.to_attributes())
+            if len(offered[-1]) > 1:
+                raise MessageTooLarge("no room beside the body")
+            await super().publish_error(message, failure)
+
+    def handler(body: bytes) -> None:
+        raise ValueError("boom " * 100)
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        broker.put("q", b"big", {}, 0)
+        adapter = Tight("q", error_topic="q-errors", broker=broker)
+        c = BaseCollector(adapter, handler, options(max_retries=0))
+        await c.serve(until_empty=True)
+        dead = broker.lease("q-errors", 10, 30)
+        assert [m.body for m in dead] == [b"big"]
+        assert dead[0].attributes == {"stalk-reason": "retries_exhausted"}
+        assert c.stats.errored["retries_exhausted"] == 1
+
+    run(scenario())
+    assert len(offered) == 3 and "stalk-traceback" in offered[0]
+    assert "stalk-traceback" not in offered[1] and len(offered[1]["stalk-error"]) <= 200

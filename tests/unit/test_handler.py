@@ -52,6 +52,16 @@ def test_to_result_none_is_ok_and_wrong_type_is_fatal_naming_handler() -> None:
     assert "workers.app:handler" in str(bad.error) and "int" in str(bad.error)
 
 
+def test_a_returned_coroutine_is_fatal_closed_and_says_to_await_it() -> None:
+    async def forgot() -> None:
+        return None
+
+    coroutine = forgot()
+    bad = to_result(coroutine, "workers.app:handler")
+    assert bad.fatal and "did not await" in str(bad.error)
+    assert coroutine.cr_frame is None, "left open: Python warns 'never awaited' at collection"
+
+
 def test_from_exception_retry_or_fatal() -> None:
     assert from_exception(RuntimeError("x"), ()).retry
     assert from_exception(Fatal("x"), ()).fatal

@@ -48,8 +48,12 @@ INTERNAL_KEYS = frozenset({KEY_ATTEMPT, KEY_DUE_AT, KEY_ID, KEY_ENQUEUED_AT})
 
 
 def wrap(body: bytes, attributes: Mapping[str, str]) -> bytes:
-    """Return ``body`` with ``attributes`` in front; ``body`` itself when there are none."""
-    if not attributes:
+    """Return ``body`` with ``attributes`` in front; ``body`` itself when there are none.
+
+    An empty body is always wrapped (with ``{}`` when there are no attributes): nsqd refuses a
+    message of 0 bytes, and the envelope lets an empty body round-trip as one.
+    """
+    if not attributes and body:
         return body
     header = json.dumps(dict(attributes), separators=(",", ":"), ensure_ascii=False).encode()
     return b"".join((MAGIC, _LEN.pack(len(header)), header, body))

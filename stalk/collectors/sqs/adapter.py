@@ -91,7 +91,8 @@ class SQSAdapter(SQSSettling, PollingAdapter):
         self._name = source or "?"
         self._error_url: str | None = None
         self._fifo = self._error_fifo = False
-        self._max_bytes = self._error_max_bytes = 262_144
+        # Until the queue's own MaximumMessageSize is read: SQS's default since August 2025.
+        self._max_bytes = self._error_max_bytes = 1_048_576
         self._gate: GroupGate | None = None
         self._to_extend: dict[Message, int] = {}
         self._extending: set[Message] = set()
@@ -141,7 +142,7 @@ class SQSAdapter(SQSSettling, PollingAdapter):
             topic = self.error_topic or self.default_error_topic(self._name)
             url, attributes = await self.sqs.resolve(topic, self.settings.create_queues)
             self._error_fifo = attributes.get("FifoQueue") == "true"
-            self._error_max_bytes = wire.as_int(attributes.get("MaximumMessageSize"), 262_144)
+            self._error_max_bytes = wire.as_int(attributes.get("MaximumMessageSize"), 1_048_576)
             self._error_url = url
         return self._error_url
 
