@@ -15,7 +15,8 @@ the broker so connections can be cut, and knows the one disruption that broker a
   messages to disk) and started again on the same ports and data directory.
 - ``pubsub``: the Pub/Sub emulator keeps everything in memory and loses it on a restart, so its
   Java process is *paused* (SIGSTOP, then SIGCONT) instead, as moto is; the workers reach it
-  through the proxy (gRPC over plain HTTP/2), so their connections are cut too.
+  through the proxy (gRPC over plain HTTP/2), so their connections are cut too. Only the
+  adapter's default mode (unary pull) is attacked: see :data:`STREAMING_NOT_RUN` for streaming.
 """
 
 from __future__ import annotations
@@ -396,6 +397,17 @@ class NSQTarget(Target):
         self.server.start()
 
 
+#: Why there is no ``pubsub-streaming`` target (said under the pubsub table).
+STREAMING_NOT_RUN = (
+    "pubsub: mode=streaming is not attacked: on the emulator a SIGKILLed StreamingPull counts a"
+    " delivery against the whole backlog, not only what it leased, and holds it back ~70 s (two"
+    " killed plain google-cloud-pubsub subscribers of 10 leases each: all 60 messages came back"
+    " together after 81 s with delivery_attempt 4), so healthy messages reach the error topic as"
+    " poison and the stream stands still past the 60 s stall limit (unary pull, the default, has"
+    " neither problem)"
+)
+
+
 class PubSubTarget(Target):
     """A Pub/Sub emulator of our own, consumed in the adapter's default mode (unary pull).
 
@@ -435,6 +447,7 @@ class PubSubTarget(Target):
             f"{self.name}: the emulator keeps its topics in memory, so its JVM was paused"
             f" (SIGSTOP {OUTAGE_S:.0f} s, SIGCONT) instead of restarted; mode={self.mode}"
         )
+        self.notes.append(STREAMING_NOT_RUN)
 
     def java_pid(self) -> int:
         """The emulator's JVM: the launcher script execs java (else it is a java child of it)."""
