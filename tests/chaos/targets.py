@@ -399,8 +399,8 @@ class NSQTarget(Target):
 
 #: Why there is no ``pubsub-streaming`` target (said under the pubsub table).
 STREAMING_NOT_RUN = (
-    "pubsub: mode=streaming is not attacked: on the emulator a SIGKILLed StreamingPull counts a"
-    " delivery against the whole backlog, not only what it leased, and holds it back ~70 s (two"
+    "pubsub: mode=streaming is not attacked: on the emulator a SIGKILLed StreamingPull counts"
+    " deliveries against the whole backlog, not only what it leased, and holds it back ~70 s (two"
     " killed plain google-cloud-pubsub subscribers of 10 leases each: all 60 messages came back"
     " together after 81 s with delivery_attempt 4), so healthy messages reach the error topic as"
     " poison and the stream stands still past the 60 s stall limit (unary pull, the default, has"
