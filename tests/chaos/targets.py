@@ -13,6 +13,10 @@ the broker so connections can be cut, and knows the one disruption that broker a
   proxy and the "restart" is a proxy outage instead; the report says which.
 - ``nsq``: our own nsqd is stopped (SIGTERM: it writes its queues, in-flight and deferred
   messages to disk) and started again on the same ports and data directory.
+- ``pubsub``: the Pub/Sub emulator keeps everything in memory and loses it on a restart, so its
+  Java process is *paused* (SIGSTOP, then SIGCONT) instead, as moto is; the workers reach it
+  through the proxy (gRPC over plain HTTP/2), so their connections are cut too. Only the
+  adapter's default mode (unary pull) is attacked: see :data:`STREAMING_NOT_RUN` for streaming.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 from tests.brokers import free_port
 from tests.chaos.proxy import Proxy
 
-BACKENDS = ("local", "sqs", "amqp", "amqp-quorum", "nsq")
+BACKENDS = ("local", "sqs", "amqp", "amqp-quorum", "nsq", "pubsub")
 #: Seconds a broker is left paused or stopped.
 OUTAGE_S = 5.0
 
@@ -393,10 +397,129 @@ class NSQTarget(Target):
         self.server.start()
 
 
+#: Why there is no ``pubsub-streaming`` target (said under the pubsub table).
+STREAMING_NOT_RUN = (
+    "pubsub: mode=streaming is not attacked: on the emulator a SIGKILLed StreamingPull counts"
+    " deliveries against the whole backlog, not only what it leased, and holds it back ~70 s (two"
+    " killed plain google-cloud-pubsub subscribers of 10 leases each: all 60 messages came back"
+    " together after 81 s with delivery_attempt 4), so healthy messages reach the error topic as"
+    " poison and the stream stands still past the 60 s stall limit (unary pull, the default, has"
+    " neither problem)"
+)
+
+
+class PubSubTarget(Target):
+    """A Pub/Sub emulator of our own, consumed in the adapter's default mode (unary pull).
+
+    The source is a subscription of a topic of the same id and the error topic is a topic with a
+    subscription of the same id too (how ``tests.brokers.pubsub.create`` makes them), so the
+    driver reads the error topic as ``--source <errors>``; ``<errors>-errors`` exists as well,
+    should the reader route a copy on. Every subscription has a dead-letter policy far above
+    ``max_retries``: Pub/Sub then counts deliveries, a worker killed by a pill included, so
+    stalk's poison rule sees each death.
+    """
+
+    name = "pubsub"
+    disruption = "pause"
+    mode = "pull"
+
+    def start(self) -> None:
+        from tests.brokers.pubsub import HINT, PROJECT, Emulator, create, emulator_binary
+
+        binary = emulator_binary()
+        if binary is None:
+            raise RuntimeError(f"no Pub/Sub emulator: {HINT}")
+        self.project = PROJECT
+        # The driver's own clients (publishing, diagnose) reach the emulator directly; stop()
+        # puts the environment back as it was.
+        self.saved_env = {k: os.environ.get(k) for k in ("PUBSUB_EMULATOR_HOST",)}
+        self.server = Emulator(binary)
+        self.server.start()
+        os.environ["PUBSUB_EMULATOR_HOST"] = self.server.host
+
+        async def topology() -> None:
+            for name in (self.source, self.errors, f"{self.errors}-errors"):
+                await create(self.server.host, name)
+
+        asyncio.run(topology())
+        self.proxy = Proxy("127.0.0.1", self.server.port)
+        self.notes.append(
+            f"{self.name}: the emulator keeps its topics in memory, so its JVM was paused"
+            f" (SIGSTOP {OUTAGE_S:.0f} s, SIGCONT) instead of restarted; mode={self.mode}"
+        )
+        self.notes.append(STREAMING_NOT_RUN)
+
+    def java_pid(self) -> int:
+        """The emulator's JVM: the launcher script execs java (else it is a java child of it)."""
+        from tests.chaos.driver import children
+
+        assert self.server.proc is not None
+        pid = self.server.proc.pid
+        for candidate in (pid, *children(pid)):
+            try:
+                command = Path(f"/proc/{candidate}/cmdline").read_bytes().split(b"\0")[0]
+            except OSError:
+                continue
+            if command.endswith(b"java"):
+                return candidate
+        return pid
+
+    def stop(self) -> None:
+        super().stop()
+        if self.server.proc is not None and self.server.proc.poll() is None:
+            os.kill(self.java_pid(), signal.SIGCONT)
+        self.server.stop()
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    def env(self) -> dict[str, str]:
+        assert self.proxy is not None
+        return {"PUBSUB_EMULATOR_HOST": f"127.0.0.1:{self.proxy.port}"}
+
+    def cli(self) -> list[str]:
+        assert self.proxy is not None
+        return [
+            "--backend", "pubsub",
+            "--option", f"project={self.project}",
+            "--option", f"emulator_host=127.0.0.1:{self.proxy.port}",
+            "--option", f"mode={self.mode}",
+        ]  # fmt: skip
+
+    def publish_options(self) -> dict[str, Any]:
+        return {"project": self.project, "emulator_host": self.server.host, "mode": self.mode}
+
+    def diagnose(self) -> str:
+        """What a plain pull (no ack) finds on each subscription: the emulator tells no counts."""
+        from google.pubsub_v1 import SubscriberClient
+
+        client = SubscriberClient(client_options={"api_endpoint": self.server.host})
+        parts = []
+        for name in (self.source, self.errors):
+            path = f"projects/{self.project}/subscriptions/{name}"
+            try:
+                got = client.pull(subscription=path, max_messages=1000, timeout=10)
+                parts.append(f"{name}: {len(got.received_messages)} pulled (not acked)")
+            except Exception as exc:  # a diagnosis must not hide the report
+                parts.append(f"{name}: {type(exc).__name__}: {exc}")
+        return "; ".join(parts)
+
+    def disrupt(self) -> None:
+        pid = self.java_pid()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(OUTAGE_S)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
 TARGETS: dict[str, type[Target]] = {
     "local": LocalTarget,
     "sqs": SQSTarget,
     "amqp": AMQPTarget,
     "amqp-quorum": QuorumTarget,
     "nsq": NSQTarget,
+    "pubsub": PubSubTarget,
 }

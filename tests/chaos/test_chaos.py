@@ -1,8 +1,8 @@
 """Issue 14: the chaos suite's short version, one test per backend (``python -m tests.chaos
 --short`` prints the same tables; ``python -m tests.chaos`` is the full version).
 
-Each test starts its own broker (a RabbitMQ node, an nsqd, a moto server of its own), so a
-missing broker fails in CI through the ``broker`` marker and ``require_broker``.
+Each test starts its own broker (a RabbitMQ node, an nsqd, a moto server, a Pub/Sub emulator of
+its own), so a missing broker fails in CI through the ``broker`` marker and ``require_broker``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,22 @@ def _check_available(backend: str) -> None:
 
         if nsqd_binary() is None:
             require_broker("nsq", f"no nsqd binary: {HINT}")
+    elif backend.startswith("pubsub"):
+        import shutil
+
+        from tests.brokers.pubsub import HINT as PUBSUB_HINT
+        from tests.brokers.pubsub import emulator_binary
+
+        try:
+            import google.pubsub_v1  # noqa: F401
+        except ImportError:
+            require_broker(
+                "pubsub", "google-cloud-pubsub is not installed: pip install 'stalk[pubsub]'"
+            )
+        if emulator_binary() is None:
+            require_broker("pubsub", f"no Pub/Sub emulator: {PUBSUB_HINT}")
+        if shutil.which("java") is None:
+            require_broker("pubsub", f"no java on PATH for the emulator: {PUBSUB_HINT}")
 
 
 @pytest.mark.timeout(300)
