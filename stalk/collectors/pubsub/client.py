@@ -190,6 +190,22 @@ class PubSubCalls:
             for chunk in _chunks(ack_ids, MAX_ACK_IDS)
         ))  # fmt: skip
 
+    def streaming_pull(self) -> Any:
+        """Open a StreamingPull on the subscriber's channel and return the ``grpc.aio`` call.
+
+        Raw protobuf both ways (as :meth:`pull`): the caller ``write``s requests, ``read``s
+        responses and ends the stream with ``done_writing`` (a half-close the server answers by
+        ending the stream) rather than ``cancel``, which the emulator does not notice.
+        """
+        transport: Any = self.subscriber.transport  # the grpc.aio one (typed as its base)
+        channel = transport.grpc_channel
+        method = channel.stream_stream(
+            "/google.pubsub.v1.Subscriber/StreamingPull",
+            request_serializer=types.StreamingPullRequest.pb().SerializeToString,
+            response_deserializer=types.StreamingPullResponse.pb().FromString,
+        )
+        return method()
+
     # ----------------------------------------------------------------- publisher
     async def publish(self, topic: str, messages: Sequence[types.PubsubMessage]) -> list[str]:
         """Publish ``messages`` (in requests of at most 1,000); return their ids once the
