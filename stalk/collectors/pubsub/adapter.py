@@ -287,13 +287,15 @@ class PubSubAdapter(Adapter):
         """Return the lease of a raw protobuf ``ReceivedMessage`` (see ``PubSubCalls.pull``)."""
         raw = received.message
         published = raw.publish_time
+        seconds = published.seconds
+        attributes = raw.attributes
         return Lease(
-            ack_id=received.ack_id,
-            data=raw.data,
-            attributes=dict(raw.attributes),
-            ordering_key=raw.ordering_key,
-            delivery_attempt=received.delivery_attempt,
-            publish_time=published.seconds + published.nanos / 1e9 if published.seconds else None,
+            received.ack_id,
+            raw.data,
+            dict(attributes) if attributes else {},  # an empty map costs ~1 us to copy
+            raw.ordering_key,
+            received.delivery_attempt,
+            seconds + published.nanos / 1e9 if seconds else None,
         )
 
     def _message_of(self, lease: Lease, message_id: str) -> Message:
