@@ -4,11 +4,12 @@ Delivery
     One bidirectional ``StreamingPull`` call (:meth:`PubSubCalls.streaming_pull`), read by a task
     on the engine's loop: no library threads, no thread hops. The initial request asks for
     ``max_outstanding_messages`` (at least ``flow_messages``) and a stream ack deadline of the
-    engine's lease (Pub/Sub's floor of 10 s, at most 600 s). The adapter passes at most
-    ``max_in_flight`` to the engine; any the stream delivers beyond that (the emulator ignores
-    the outstanding limit; after a scale down) wait here, modacked every half deadline, until a
-    slot frees. A request carrying the stream ack deadline goes out every 30 s, as the client
-    library's heartbeat does, so the service keeps the stream.
+    engine's lease (Pub/Sub's floor of 10 s, at most 600 s); a lease under 10 s is set on each
+    delivered batch with one modack before the engine sees it, as pull mode does. The adapter
+    passes at most ``max_in_flight`` to the engine; any the stream delivers beyond that (the
+    emulator ignores the outstanding limit; after a scale down) wait here, modacked every half
+    lease, until a slot frees. A request carrying the stream ack deadline goes out every 30 s,
+    as the client library's heartbeat does, so the service keeps the stream.
 
 Closing a stream
     A stream ends with a half-close (``done_writing``): the server ends it and stops delivering
@@ -108,10 +109,13 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
         self._closers: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ stream
+    def _lease_s(self) -> int:
+        """The engine's lease in whole seconds, at most Pub/Sub's 600."""
+        return min(max(1, math.ceil(self.visibility_timeout_s)), MAX_ACK_DEADLINE_S)
+
     def _deadline_s(self) -> int:
-        """The stream ack deadline: the engine's lease, within Pub/Sub's 10-600 s."""
-        lease = math.ceil(self.visibility_timeout_s)
-        return min(max(MIN_STREAM_DEADLINE_S, lease), MAX_ACK_DEADLINE_S)
+        """The stream ack deadline: the engine's lease, at least Pub/Sub's floor of 10 s."""
+        return max(MIN_STREAM_DEADLINE_S, self._lease_s())
 
     def _open_stream(self) -> None:
         limit = max(self._max_in_flight, self.settings.flow_messages)
@@ -156,14 +160,29 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
                 response = await stream.call.read()
                 if response is grpc.aio.EOF:
                     break
-                for received in response.received_messages:
-                    self._arrived(received)
+                received = response.received_messages
+                if self._lease_s() < self._deadline_s():
+                    await self._shorten(received)
+                for item in received:
+                    self._arrived(item)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             reason = exc
         stream.closing.set()  # the writer stops too
         self._stream_ended(stream, reason)
+
+    async def _shorten(self, received: Sequence[Any]) -> None:
+        """Set a delivered batch to the engine's lease where it is under the stream's 10 s floor
+        (one modack, before the engine sees it, as pull mode does), so what a dead worker held
+        comes back when the engine's lease says, not 10 s later."""
+        if not received or self._calls is None or self._closing or self._paused:
+            return
+        try:
+            ack_ids = [r.ack_id for r in received]
+            await self.calls.modify(self.subscription, ack_ids, self._lease_s())
+        except BackendError as exc:  # still leased for the stream deadline
+            logger.warning("pubsub: could not set the lease of a streamed batch (%s)", exc)
 
     async def _close_stream(self, stream: _Stream | None) -> None:
         """Half-close ``stream`` and wait for the server to end it (cancel it if it does not)."""
@@ -216,14 +235,14 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             logger.info("pubsub stream of %s reopened", self.subscription)
 
     async def _tend_waiting(self) -> None:
-        """Keep messages waiting past the local limit leased (the stream deadline each time)."""
+        """Keep messages waiting past the local limit leased (the engine's lease each time)."""
         while self._calls is not None and not self._closing:
-            deadline = self._deadline_s()
-            await asyncio.sleep(deadline / 2)
+            lease_s = self._lease_s()
+            await asyncio.sleep(max(0.5, lease_s / 2))
             waiting = [m.receipt.ack_id for m in self._waiting]
             if waiting and self._calls is not None:
                 try:
-                    await self.calls.modify(self.subscription, waiting, deadline)
+                    await self.calls.modify(self.subscription, waiting, lease_s)
                 except BackendError as exc:
                     logger.warning("pubsub: lease of %d waiting message(s) not extended (%s)",
                                    len(waiting), exc)  # fmt: skip
