@@ -18,7 +18,8 @@ is acked:
   8/32/100 x 100/200/300 here).
 - ``raw streaming``: ``SubscriberClient.subscribe()`` with ``FlowControl(max_messages=C)`` and
   a callback that calls ``message.ack()``.
-- ``stalk streaming``: ``PubSubAdapter(mode=streaming, flow_messages=C)``, ``concurrency = C``.
+- ``stalk streaming``: ``PubSubAdapter(mode=streaming, flow_messages=C)`` (its own
+  StreamingPull on grpc.aio, settles as unary calls), ``concurrency = C``.
 
 Contenders alternate within each round; each figure is the median of ``--repeat`` rounds.
 """

@@ -6,7 +6,8 @@ on 127.0.0.1 and stops it by PID at the end; ``start_pubsub_emulator`` starts mo
 tests). Without the emulator or the SDK the tests skip loudly outside CI and fail in CI.
 
 Every test gets fresh topics and subscriptions: on the emulator a subscription whose streaming
-pull was cancelled stalls later unary pulls, and messages near a cancel can return ~120 s late.
+pull was cancelled stalls later unary pulls, and messages near a cancel can return ~120 s late
+(stalk's streaming adapter half-closes its streams instead; a test's own raw client may not).
 """
 
 from __future__ import annotations

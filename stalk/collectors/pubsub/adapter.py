@@ -13,7 +13,7 @@ Modes (``--option mode=``)
     (:class:`~stalk.collectors.pubsub.streaming.PubSubStreamingAdapter`): the client library's
     streaming pull pushes. ``PubSubAdapter(...)`` returns the one the settings ask for. Either
     way, every settle is a unary call of this adapter's own grpc.aio client, awaited, so an ack
-    is confirmed before the engine counts it and none is lost when a stream is cancelled.
+    is confirmed before the engine counts it and none is lost when a stream is closed.
 
 Leases
     A pulled message is leased for the subscription's ack deadline; where the engine's
@@ -91,7 +91,6 @@ class Lease:
         data, attributes, ordering_key: the message as published (for republished copies).
         delivery_attempt: Pub/Sub's count (0 without a dead-letter policy).
         publish_time: epoch seconds of the publish.
-        handle: the client library's message in streaming mode (to ``drop``), else None.
     """
 
     ack_id: str
@@ -100,7 +99,6 @@ class Lease:
     ordering_key: str
     delivery_attempt: int
     publish_time: float | None
-    handle: Any = None
 
 
 class PubSubAdapter(Adapter):
@@ -289,13 +287,15 @@ class PubSubAdapter(Adapter):
         """Return the lease of a raw protobuf ``ReceivedMessage`` (see ``PubSubCalls.pull``)."""
         raw = received.message
         published = raw.publish_time
+        seconds = published.seconds
+        attributes = raw.attributes
         return Lease(
-            ack_id=received.ack_id,
-            data=raw.data,
-            attributes=dict(raw.attributes),
-            ordering_key=raw.ordering_key,
-            delivery_attempt=received.delivery_attempt,
-            publish_time=published.seconds + published.nanos / 1e9 if published.seconds else None,
+            received.ack_id,
+            raw.data,
+            dict(attributes) if attributes else {},  # an empty map costs ~1 us to copy
+            raw.ordering_key,
+            received.delivery_attempt,
+            seconds + published.nanos / 1e9 if seconds else None,
         )
 
     def _message_of(self, lease: Lease, message_id: str) -> Message:
@@ -411,7 +411,7 @@ class PubSubAdapter(Adapter):
 
     # ----------------------------------------------------------------- settling
     def _forget(self, leases: Sequence[Lease]) -> None:
-        """Stop the client library tracking ``leases`` (streaming mode); no-op in pull mode."""
+        """``leases`` are settled: streaming mode frees their local slots; no-op in pull mode."""
 
     async def _modify(self, leases: Sequence[Lease], seconds: int) -> None:
         self._forget(leases)

@@ -25,6 +25,12 @@ from stalk.errors import BackendError, BackendUnavailable, QueueNotFound
 
 T = TypeVar("T")
 
+#: The raw protobuf request classes: a request built from them and wrapped skips proto-plus's
+#: field-by-field copy (~150 us for an ack of 100 ids, measured), and the GAPIC call takes it.
+ACK_PB = types.AcknowledgeRequest.pb()
+MODIFY_PB = types.ModifyAckDeadlineRequest.pb()
+PULL_PB = types.PullRequest.pb()
+
 #: Failures that mean "not reachable now": the engine backs off and calls again.
 UNREACHABLE = (
     gexc.ServiceUnavailable,
@@ -97,7 +103,11 @@ class PubSubCalls:
         """
         limit = timeout_s or self.settings.call_timeout_s
         try:
-            return await asyncio.wait_for(make(), limit + 1.0)
+            # asyncio.timeout, not wait_for: wait_for's extra task would send the request a
+            # loop turn later, behind every handler the last batch woke (measured: pull mode
+            # drained ~15% slower on the emulator, its next pull queued behind the batch).
+            async with asyncio.timeout(limit + 1.0):
+                return await make()
         except gexc.NotFound as exc:
             raise QueueNotFound(
                 f"pubsub: {name} not found ({what}); create it (gcloud pubsub "
@@ -150,7 +160,7 @@ class PubSubCalls:
         """
         sub = self.subscriber
         timeout = max(1.0, wait_s)
-        request = {"subscription": path, "max_messages": max_messages}
+        request = types.PullRequest.wrap(PULL_PB(subscription=path, max_messages=max_messages))
         try:
             response = await self.call(
                 "pull", path, lambda: sub.pull(request=request, retry=None, timeout=timeout),
@@ -168,27 +178,37 @@ class PubSubCalls:
         sub, timeout = self.subscriber, self.settings.call_timeout_s
 
         def one(chunk: list[str]) -> Awaitable[None]:
-            return sub.acknowledge(subscription=path, ack_ids=chunk, retry=None, timeout=timeout)
+            request = types.AcknowledgeRequest.wrap(ACK_PB(subscription=path, ack_ids=chunk))
+            return sub.acknowledge(request=request, retry=None, timeout=timeout)
 
-        await asyncio.gather(*(
-            self.call("acknowledge", path, functools.partial(one, chunk))
-            for chunk in _chunks(ack_ids, MAX_ACK_IDS)
-        ))  # fmt: skip
+        await _each("acknowledge", self, path, one, _chunks(ack_ids, MAX_ACK_IDS))
 
     async def modify(self, path: str, ack_ids: Sequence[str], seconds: int) -> None:
         """Set the ack deadline of ``ack_ids`` to ``seconds`` from now (0: redeliver at once)."""
         sub, timeout = self.subscriber, self.settings.call_timeout_s
 
         def one(chunk: list[str]) -> Awaitable[None]:
-            return sub.modify_ack_deadline(
-                subscription=path, ack_ids=chunk, ack_deadline_seconds=seconds, retry=None,
-                timeout=timeout,
-            )  # fmt: skip
+            pb = MODIFY_PB(subscription=path, ack_ids=chunk, ack_deadline_seconds=seconds)
+            request = types.ModifyAckDeadlineRequest.wrap(pb)
+            return sub.modify_ack_deadline(request=request, retry=None, timeout=timeout)
 
-        await asyncio.gather(*(
-            self.call("modify_ack_deadline", path, functools.partial(one, chunk))
-            for chunk in _chunks(ack_ids, MAX_ACK_IDS)
-        ))  # fmt: skip
+        await _each("modify_ack_deadline", self, path, one, _chunks(ack_ids, MAX_ACK_IDS))
+
+    def streaming_pull(self) -> Any:
+        """Open a StreamingPull on the subscriber's channel and return the ``grpc.aio`` call.
+
+        Raw protobuf both ways (as :meth:`pull`): the caller ``write``s requests, ``read``s
+        responses and ends the stream with ``done_writing`` (a half-close the server answers by
+        ending the stream) rather than ``cancel``, which the emulator does not notice.
+        """
+        transport: Any = self.subscriber.transport  # the grpc.aio one (typed as its base)
+        channel = transport.grpc_channel
+        method = channel.stream_stream(
+            "/google.pubsub.v1.Subscriber/StreamingPull",
+            request_serializer=types.StreamingPullRequest.pb().SerializeToString,
+            response_deserializer=types.StreamingPullResponse.pb().FromString,
+        )
+        return method()
 
     # ----------------------------------------------------------------- publisher
     async def publish(self, topic: str, messages: Sequence[types.PubsubMessage]) -> list[str]:
@@ -204,6 +224,21 @@ class PubSubCalls:
             for chunk in _chunks(messages, MAX_PUBLISH_BATCH)
         ))  # fmt: skip
         return [i for response in responses for i in response.message_ids]
+
+
+async def _each(
+    what: str,
+    calls: PubSubCalls,
+    path: str,
+    one: Callable[[list[str]], Awaitable[None]],
+    chunks: list[list[str]],
+) -> None:
+    """Make ``one(chunk)`` for every chunk at once; a single chunk (the usual case) without
+    the extra task of a gather."""
+    if len(chunks) == 1:
+        await calls.call(what, path, functools.partial(one, chunks[0]))
+        return
+    await asyncio.gather(*(calls.call(what, path, functools.partial(one, c)) for c in chunks))
 
 
 def _chunks(items: Sequence[T], size: int) -> list[list[T]]:

@@ -54,10 +54,10 @@ class PubSubSettings(AdapterSettings):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     #: Seconds any other call may take before it counts as failed.
     call_timeout_s: float = Field(default=30.0, gt=0)
-    #: Streaming: messages the stream may lease at once (``FlowControl.max_messages``), at least
-    #: the engine's concurrency. Those past the concurrency wait in the worker, leased and
+    #: Streaming: messages the stream may lease at once (its ``max_outstanding_messages``), at
+    #: least the engine's concurrency. Those past the concurrency wait in the worker, leased and
     #: extended; a floor above 1 spares a stream reopen when the engine raises its limit after
-    #: its careful first message (each reopen costs ~10 s of redeliveries on the emulator).
+    #: its careful first message.
     flow_messages: int = Field(default=10, ge=1, le=10_000)
     #: Most messages one pull asks for (Pub/Sub allows 1,000; the engine asks for its slots).
     max_messages: int = Field(default=100, ge=1, le=1000)
