@@ -13,7 +13,8 @@ Rows of the publish table:
   ``publish_batch`` commit; drain = :class:`stalk.BaseCollector` with a no-op handler and
   ``serve(until_empty=True)``, at each durability and concurrency.
 - ``local raw loop``: the adapter alone, lease 100 + ack 100 per round, no engine: the ceiling
-  the engine works under.
+  the engine works under (the drain table adds the same loop with each ack riding on the next
+  lease, ``ack_and_get_messages``, one call per round, as the engine sends them).
 - persist-queue ``SQLiteAckQueue`` and ``litequeue``: their own loop (``put``; ``get``+``ack`` /
   ``pop``+``done``), one message at a time, in-process, with their default settings.
 Bodies are 100 bytes. Each figure is the median of ``--repeat`` runs on a fresh file.
@@ -140,6 +141,24 @@ def local_raw(path: Path, n: int, batch: int = 100) -> float:
     return asyncio.run(go())
 
 
+def local_riding(path: Path, n: int, batch: int = 100) -> float:
+    """Return msg/s of the adapter alone with each ack riding on the next lease
+    (``ack_and_get_messages``: one call and one transaction per round), as the engine does."""
+    local_publish(path, "normal", n, BATCH)
+
+    async def go() -> float:
+        adapter = await _opened(path, "normal")
+        start = time.perf_counter()
+        messages = await adapter.get_messages(batch, 0)
+        while messages:
+            messages = await adapter.ack_and_get_messages(messages, batch)
+        elapsed = time.perf_counter() - start
+        await adapter.close()
+        return n / elapsed
+
+    return asyncio.run(go())
+
+
 def persist_queue(path: Path, n: int) -> tuple[float, float]:
     """Return (put msg/s, get+ack msg/s) of persist-queue's SQLiteAckQueue with its defaults."""
     import persistqueue
@@ -186,6 +205,10 @@ def drain_table(n: int, repeat: int) -> None:
     rows: list[tuple[str, Callable[[Path], float]]] = [
         ("raw SQLite floor (lease 100 + delete 100 per txn)", lambda p: sqlite_floor(p, n)),
         ("the local adapter alone, lease/ack 100, no engine", lambda p: local_raw(p, n)),
+        (
+            "the local adapter alone, ack riding on the next lease of 100",
+            lambda p: local_riding(p, n),
+        ),
     ]
     for c in (1, 8, 64):
         rows.append(

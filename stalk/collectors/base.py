@@ -398,6 +398,27 @@ class ImmediateAck(Protocol):
 
 
 @runtime_checkable
+class AckAndLease(Protocol):
+    """A polling adapter that acks a batch and leases the next one in one broker call (the
+    local backend: one SQLite transaction and one hop to its database thread instead of two).
+
+    The engine hands the acks of a loop turn to this call when it would poll right after them
+    anyway; otherwise it calls :meth:`Adapter.ack` and ``get_messages`` as usual.
+    """
+
+    async def ack_and_get_messages(
+        self, acks: Sequence[Message], max_messages: int
+    ) -> list[Message]:
+        """Ack ``acks`` (same rules as :meth:`Adapter.ack`), then lease up to ``max_messages``
+        visible messages without waiting (as ``get_messages(max_messages, 0)``).
+
+        Raises:
+            BackendError: nothing was acked and nothing leased (the acks are redelivered).
+        """
+        ...
+
+
+@runtime_checkable
 class BatchPublisher(Protocol):
     """An adapter that publishes many bodies in one broker call (``stalk send`` with several)."""
 

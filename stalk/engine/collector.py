@@ -25,7 +25,7 @@ from stalk.collectors.base import Adapter
 from stalk.engine.execution import AsyncExecutor, Executor, ThreadExecutor
 from stalk.engine.handler import prepare, resolve_exceptions
 from stalk.engine.inflight import InFlight
-from stalk.engine.intake import Intake, intake_for
+from stalk.engine.intake import Intake, PollIntake, intake_for
 from stalk.engine.policy import ADMIT, Reject, RetryPolicy, admit
 from stalk.engine.settle import Observer, Settler
 from stalk.engine.stats import CollectorStats
@@ -89,6 +89,8 @@ class BaseCollector:
         self.inflight = InFlight()
         self._settler = Settler(self.adapter, self.stats, self._policy, self.tasks, self.inflight)
         self._intake: Intake = intake_for(self, adapter)
+        if isinstance(self._intake, PollIntake):
+            self._settler.rider = self._intake
         self._give_up = asyncio.Event()
 
     # ----------------------------------------------------------------- public controls

@@ -150,11 +150,45 @@ class PollIntake(Intake):
         #: :meth:`_lease_alone`).
         self.careful = True
         self._alone = 0
+        self._backoff = Backoff(host.options.polling_period_s, host.options.max_polling_period_s)
+        #: A poll is under way: this loop's own, or one riding on an ack (:meth:`want`).
+        self._polling = False
 
     async def start(self, awake: bool) -> None:
         if awake:
             self._awake.set()
         self._task = self.host.tasks.spawn(self._run(), "stalk-poll")
+
+    def want(self, acks: int) -> int:
+        """How many messages the next poll would lease once ``acks`` acks free their slots, if
+        it would run right after them (0 otherwise): the settler then acks and leases in one
+        call (:class:`~stalk.collectors.base.AckAndLease`). A nonzero answer reserves the poll
+        until :meth:`leased`, so this loop does not poll meanwhile."""
+        host = self.host
+        if self._polling or self.careful or host.state != "awake" or not self._awake.is_set():
+            return 0
+        capacity, lease_size = host.capacity, host.lease_size
+        room = host.inflight.free(capacity) + acks
+        if room < max(1, min(lease_size, capacity) // 2):
+            return 0  # the loop's own rules (a gathered or full lease) decide this one
+        self._polling = True
+        return min(room, lease_size)
+
+    def leased(self, messages: Sequence[Message]) -> None:
+        """Take in what a poll riding on an ack leased (on the loop), as :meth:`_run` would."""
+        self._polling = False
+        host = self.host
+        if messages:
+            self._backoff.reset()
+            if host.state == "awake":
+                host.accept(messages)
+            else:  # shutdown or sleep began while the call was under way
+                host.tasks.spawn(self._release(messages), "stalk-release")
+        host.inflight.notify()
+
+    async def _release(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            await self.host.release(message)
 
     def wake(self) -> None:
         self._awake.set()
@@ -183,17 +217,15 @@ class PollIntake(Intake):
             task.cancel()
 
     async def _run(self) -> None:
-        host, adapter, opts, inflight = (
-            self.host,
-            self.adapter,
-            self.host.options,
-            self.host.inflight,
-        )
-        backoff = Backoff(opts.polling_period_s, opts.max_polling_period_s)
+        host, adapter, inflight = self.host, self.adapter, self.host.inflight
+        backoff = self._backoff
         while True:
             await self._awake.wait()
             if host.state != "awake":
                 return
+            if self._polling:  # a poll riding on an ack is under way
+                await inflight.changed()
+                continue
             capacity, lease_size = host.capacity, host.lease_size
             room = inflight.free(capacity)
             if self.careful:
@@ -210,7 +242,10 @@ class PollIntake(Intake):
                     await inflight.changed()
                     continue
                 room = await self._gather_slots(room, want)
+                if self._polling:  # a poll rode on an ack meanwhile
+                    continue
             started = time.monotonic()
+            self._polling = True
             try:
                 messages = await adapter.get_messages(min(room, lease_size), backoff.current_s)
             except Exception as exc:  # broker down: back off, never crash-loop, never hang silently
@@ -222,6 +257,8 @@ class PollIntake(Intake):
                 )
                 await self._idle(wait)
                 continue
+            finally:
+                self._polling = False
             if not host.healthy and host.health_reason.startswith("poll failed"):
                 logger.info("poll of %s works again", adapter.describe())
                 host.set_health(True, "ok")

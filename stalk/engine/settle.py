@@ -16,9 +16,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from stalk.collectors.base import Adapter, ImmediateAck
+from stalk.collectors.base import AckAndLease, Adapter, ImmediateAck
 from stalk.engine.inflight import InFlight
 from stalk.engine.policy import (
     Ack,
@@ -50,6 +51,19 @@ def _describe(error: BaseException | str | None) -> str:
     return str(error)
 
 
+class Rider(Protocol):
+    """A poll that may ride on an ack (the poll intake, over an :class:`AckAndLease` adapter)."""
+
+    def want(self, acks: int) -> int:
+        """How many messages to lease with ``acks`` about to be acked (0: ack alone); a nonzero
+        answer reserves the poll until :meth:`leased`."""
+        ...
+
+    def leased(self, messages: Sequence[Message]) -> None:
+        """Take what the combined call leased (``[]`` too, and after a failure)."""
+        ...
+
+
 class Settler:
     """Turn outcomes into broker calls and release the message's slot in the in-flight table."""
 
@@ -74,6 +88,10 @@ class Settler:
         self._ack_task: asyncio.Task[None] | None = None
         #: Checked once: an isinstance against a runtime protocol costs microseconds.
         self._ack_nowait = adapter.ack_nowait if isinstance(adapter, ImmediateAck) else None
+        #: Set by the poll intake where the adapter acks and leases in one call: the next poll
+        #: rides on an ack batch instead of following it.
+        self.rider: Rider | None = None
+        self._ack_and_lease = adapter if isinstance(adapter, AckAndLease) else None
 
     def _observe(self, message: Message, action: Action, seconds: float) -> None:
         hook = self.on_outcome
@@ -161,18 +179,28 @@ class Settler:
         try:
             while self._pending_acks:
                 batch, self._pending_acks = self._pending_acks, []
+                rider, both = self.rider, self._ack_and_lease
+                want = rider.want(len(batch)) if rider is not None and both is not None else 0
+                leased: list[Message] = []
                 try:
-                    await self.adapter.ack(batch)
-                    self.stats.acked += len(batch)
-                except Exception as exc:
-                    self.stats.failed_settles += len(batch)
-                    logger.error(
-                        "ack of %d messages failed (%s); the broker will redeliver them",
-                        len(batch),
-                        exc,
-                    )
-                for message in batch:
-                    self.finish(message)
+                    try:
+                        if want and both is not None:
+                            leased = await both.ack_and_get_messages(batch, want)
+                        else:
+                            await self.adapter.ack(batch)
+                        self.stats.acked += len(batch)
+                    except Exception as exc:
+                        self.stats.failed_settles += len(batch)
+                        logger.error(
+                            "ack of %d messages failed (%s); the broker will redeliver them",
+                            len(batch),
+                            exc,
+                        )
+                    for message in batch:
+                        self.finish(message)
+                finally:  # the poll reserved by want() is given back even if cancelled
+                    if want and rider is not None:
+                        rider.leased(leased)
         finally:
             self._ack_task = None
 

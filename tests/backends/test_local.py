@@ -369,3 +369,29 @@ async def _publish_and_close(path: Path) -> None:
     adapter = await opened(path)
     await adapter.publish(b"x")
     await adapter.close()
+
+
+def test_ack_and_get_messages_acks_fenced_then_leases_the_next_in_one_call(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        adapter = LocalAdapter("q", settings=LocalSettings(path=str(tmp_path / "s.db")))
+        await adapter.open()
+        try:
+            await adapter.publish_batch([b"m0", b"m1", b"m2"])
+            first = await adapter.get_messages(2, 0)
+            adapter.visibility_timeout_s = 0.0  # the next lease lapses at once: a stale token
+            stale = await adapter.get_messages(1, 0)
+            adapter.visibility_timeout_s = 30.0
+            again = await adapter.get_messages(1, 0)  # the same row, leased anew
+            assert again[0].id == stale[0].id and again[0].attempt == 2
+            await adapter.publish_batch([b"m3", b"m4"])
+            nxt = await adapter.ack_and_get_messages([*first, *stale], 10)
+            assert [m.body for m in nxt] == [b"m3", b"m4"]  # ids in order; acked rows gone
+            assert all(m.attempt == 1 for m in nxt)
+            backlog = await adapter.backlog()
+            assert backlog.in_flight == 3  # the stale ack was refused: m2 is still held
+            assert await adapter.ack_and_get_messages([*again, *nxt], 10) == []
+            assert (await adapter.backlog()).in_flight == 0
+        finally:
+            await adapter.close()
+
+    asyncio.run(scenario())

@@ -288,3 +288,69 @@ def test_an_ack_alone_in_flight_goes_at_once_others_batch(
             assert adapter.batched >= 100
 
     run(scenario())
+
+
+# ---------------------------------------------------------------- acks riding on the next poll
+class AckAndLeaseAdapter(MemoryAdapter):
+    """A memory adapter that also offers ``ack_and_get_messages`` (as the local backend does),
+    counting the combined calls; ``fail`` makes every combined call raise before it acks."""
+
+    def __init__(self, *args: Any, fail: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail = fail
+        self.combined = 0
+        self.combined_acks = 0
+
+    async def ack_and_get_messages(
+        self, acks: Sequence[Message], max_messages: int
+    ) -> list[Message]:
+        self.combined += 1
+        if self.fail:
+            raise BackendUnavailable("ack and lease failed")
+        self.combined_acks += len(acks)
+        await self.ack(acks)
+        return await self.get_messages(max_messages, 0)
+
+
+@pytest.mark.parametrize("handler", ["sync", "batch"])
+def test_acks_ride_on_the_next_poll_and_every_message_is_acked_once(handler: str) -> None:
+    async def scenario() -> None:
+        broker = filled(1000)
+        adapter = AckAndLeaseAdapter("q", broker=broker)
+        seen: list[bytes] = []
+
+        @stalk.batch(max_size=50, max_wait_s=0.01)
+        def in_batches(messages: list[Message]) -> None:
+            seen.extend(m.body for m in messages)
+
+        options = CollectorOptions(**{**FAST_OPTIONS, "concurrency": 8})
+        c = BaseCollector(adapter, in_batches if handler == "batch" else seen.append, options)
+        await c.serve(until_empty=True)
+        assert c.stats.acked == 1000 and len(seen) == 1000 and len(set(seen)) == 1000
+        assert adapter.combined > 0 and adapter.combined_acks > 0
+        assert not broker.queue("q").ready and not broker.queue("q").leased
+
+    run(scenario())
+
+
+def test_a_failed_ack_and_lease_acks_nothing_and_the_messages_come_back() -> None:
+    async def scenario() -> None:
+        broker = filled(300)
+        adapter = AckAndLeaseAdapter("q", broker=broker, fail=True)
+        seen: list[bytes] = []
+        options = CollectorOptions(
+            **{**FAST_OPTIONS, "concurrency": 8, "visibility_timeout_s": 0.5}
+        )
+        c = BaseCollector(adapter, seen.append, options)
+        await c.start()
+        c.wake()
+        await wait_for(lambda: adapter.combined > 0, 10, "a combined call")
+        await wait_for(lambda: c.stats.failed_settles > 0, 10, "its acks counted as failed")
+        adapter.fail = False  # the broker is back: what was not acked comes back, none lost
+        await wait_for(lambda: not broker.queue("q").ready and not broker.queue("q").leased,
+                       20, "the queue drained")  # fmt: skip
+        await c.stop(2)
+        assert set(seen) == {b"m%d" % i for i in range(300)}
+        assert len(seen) > 300  # the unacked ones were handled again
+
+    run(scenario())

@@ -8,7 +8,8 @@ are in ``_local_store``, the statements in ``_local_sql``, opening and lock wait
 
 Every database call of an adapter runs on one dedicated thread that owns the connection, one hop
 per batch: a poll leases its whole batch in one transaction, an ack deletes its whole batch in
-one transaction. The event loop never blocks on the file.
+one transaction, and an ack the engine hands over with its next poll (``ack_and_get_messages``)
+shares that poll's transaction and hop. The event loop never blocks on the file.
 
 Options (``--option KEY=VALUE`` or ``STALK_LOCAL_<KEY>``): ``path``, ``durability``, ``topic``,
 ``max_message_bytes``, ``max_queue_length``, ``message_ttl_s``, ``lock_timeout_s``.
@@ -165,14 +166,28 @@ class LocalAdapter(PollingAdapter):
     async def ack(self, messages: Sequence[Message]) -> None:
         """Delete the batch in one transaction; deliveries whose lease lapsed are refused."""
         held = [m for m in messages if m.receipt is not None]
-        if not held:
-            return
-        deleted = await self._call(self.store.ack, held)
-        if deleted < len(held):
+        if held:
+            self._refused(len(held), await self._call(self.store.ack, held))
+
+    async def ack_and_get_messages(
+        self, acks: Sequence[Message], max_messages: int
+    ) -> list[Message]:
+        """Delete ``acks`` and lease up to ``max_messages`` due messages, in one transaction and
+        one hop (:class:`~stalk.collectors.base.AckAndLease`): a commit and a hop fewer than
+        :meth:`ack` then :meth:`get_messages`. Never waits for a message to fall due."""
+        held = [m for m in acks if m.receipt is not None]
+        deleted, messages = await self._call(
+            self.store.ack_and_lease, held, self._source, max_messages, self.visibility_timeout_s
+        )
+        self._refused(len(held), deleted)
+        return messages
+
+    def _refused(self, held: int, deleted: int) -> None:
+        if deleted < held:
             logger.warning(
                 "%d of %d acks on %s refused: their lease expired and another worker took them",
-                len(held) - deleted,
-                len(held),
+                held - deleted,
+                held,
                 self.describe(),
             )
 
