@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.brokers.sqs import FAKE_AWS_ENV, create_queue
+from tests.ops._proc import PORT_LINE, http
 
 pytestmark = pytest.mark.broker("sqs")
 
@@ -75,3 +76,52 @@ def test_sdk_debug_output_when_asked_by_name_is_redacted(sqs_endpoint: str, tmp_
     assert sent.returncode == 0, sent.stderr
     assert "botocore" in sent.stderr and "X-Amz-Security-Token" in sent.stderr
     assert SESSION_TOKEN not in sent.stderr and SECRET_KEY not in sent.stderr
+
+
+def test_status_metrics_and_healthz_show_no_profile_credentials(
+    sqs_endpoint: str, tmp_path: Path
+) -> None:
+    """Issue 14's security list: no secret in ``/status``, ``/metrics`` or ``/healthz`` of a
+    running worker whose credentials come from a profile file, at DEBUG."""
+    queue = f"status-{uuid.uuid4().hex[:10]}"
+    create_queue(sqs_endpoint, queue)
+    create_queue(sqs_endpoint, f"{queue}-errors")
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[default]\n"
+        "aws_access_key_id = AKIAPROFILEEXAMPLE01\n"
+        f"aws_secret_access_key = {SECRET_KEY}\n"
+        f"aws_session_token = {SESSION_TOKEN}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STALK_"))}
+    env.update(
+        {
+            "AWS_DEFAULT_REGION": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
+            "AWS_ENDPOINT_URL": sqs_endpoint,
+        }
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "stalk", "run", "workers.app:handler", "--backend", "sqs",
+         "--source", queue, "--log-level", "debug", "--http-port", "0"],
+        env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stderr is not None
+        lines: list[str] = []
+        port = None
+        for line in worker.stderr:
+            lines.append(line)
+            match = PORT_LINE.search(line)
+            if match:
+                port = int(match.group(1))
+                break
+        assert port is not None, "".join(lines)
+        answers = b"".join(http(port, path)[1] for path in ("/status", "/metrics", "/healthz"))
+        assert b"stalk_" in answers  # the pages answered
+        assert SECRET_KEY.encode() not in answers and SESSION_TOKEN.encode() not in answers
+        assert b"AKIAPROFILEEXAMPLE01" not in answers
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=30)
