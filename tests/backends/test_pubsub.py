@@ -373,3 +373,40 @@ def test_cli_send_run_stats_and_not_found(pubsub_emulator: Emulator) -> None:
         line for line in missing.stderr.splitlines() if "not found" in line or "neither" in line
     ]
     assert lines, missing.stderr
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_service_account_credentials_never_reach_the_output(tmp_path: Path, fmt: str) -> None:
+    """Issue 14's security list: a worker with a service-account key file (Application Default
+    Credentials, no emulator) that cannot reach Pub/Sub says so in one line, at DEBUG, and
+    neither the private key nor its id appears in what it prints."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    key_id = "keyid0123456789abcdefSECRET"
+    account = tmp_path / "sa.json"
+    account.write_text(json.dumps({
+        "type": "service_account", "project_id": "p1", "private_key_id": key_id,
+        "private_key": pem, "client_email": "w@p1.iam.gserviceaccount.com", "client_id": "1",
+        # nothing answers here: the token exchange fails at once, offline
+        "token_uri": "http://127.0.0.1:9/token",
+    }))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUBSUB_", "STALK_"))}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(account)
+    ran = subprocess.run(
+        [sys.executable, "-m", "stalk", "run", "workers.app:handler", "--backend", "pubsub",
+         "--source", "sub-one", "--option", "project=p1", "--option", "connect_timeout_s=3",
+         "--log-level", "debug", "--log-format", fmt, "--until-empty"],
+        env=env, capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    output = ran.stdout + ran.stderr
+    assert ran.returncode != 0, output
+    assert ran.stderr.strip().splitlines()[-1].startswith("stalk: pubsub:"), ran.stderr
+    secret_line = pem.splitlines()[1]
+    assert secret_line not in output and key_id not in output
