@@ -183,6 +183,9 @@ class PollIntake(Intake):
             if host.state == "awake":
                 host.accept(messages)
             else:  # shutdown or sleep began while the call was under way
+                # Held first, so a shutdown waits for their release instead of cancelling it
+                # before it starts (they would stay leased, their delivery counted).
+                host.inflight.hold(messages, time.monotonic())
                 host.tasks.spawn(self._release(messages), "stalk-release")
         host.inflight.notify()
 
@@ -425,6 +428,8 @@ class PushIntake(Intake):
         its way to it.
         """
         host = self.host
+        # Held meanwhile: heartbeated, counted by drained() and waited for by a shutdown.
+        host.inflight.hold((message,), time.monotonic())
         await self._until_done(
             "scale",
             lambda: self.adapter.set_max_in_flight(host.running_slots),

@@ -410,3 +410,11 @@ def test_service_account_credentials_never_reach_the_output(tmp_path: Path, fmt:
     assert ran.stderr.strip().splitlines()[-1].startswith("stalk: pubsub:"), ran.stderr
     secret_line = pem.splitlines()[1]
     assert secret_line not in output and key_id not in output
+
+
+def test_a_time_attribute_that_is_not_finite_is_no_time() -> None:
+    """An outside producer's ``stalk-not-before: inf`` would overflow the modack that hides a
+    parked copy (and, streamed, end the stream on every delivery): it is read as no time."""
+    for text in ("inf", "-inf", "nan", "1e999"):
+        assert wire.number({wire.ATTR_NOT_BEFORE: text}, wire.ATTR_NOT_BEFORE) is None
+    assert wire.number({wire.ATTR_NOT_BEFORE: "12.5"}, wire.ATTR_NOT_BEFORE) == 12.5

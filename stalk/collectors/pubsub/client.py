@@ -194,12 +194,15 @@ class PubSubCalls:
 
         await _each("modify_ack_deadline", self, path, one, _chunks(ack_ids, MAX_ACK_IDS))
 
-    def streaming_pull(self) -> Any:
+    def streaming_pull(self, subscription: str) -> Any:
         """Open a StreamingPull on the subscriber's channel and return the ``grpc.aio`` call.
 
         Raw protobuf both ways (as :meth:`pull`): the caller ``write``s requests, ``read``s
         responses and ends the stream with ``done_writing`` (a half-close the server answers by
         ending the stream) rather than ``cancel``, which the emulator does not notice.
+
+        The routing header is set by hand, as the official clients do for this call (generated
+        code cannot add it to a streaming call; the service routes the stream by it).
         """
         transport: Any = self.subscriber.transport  # the grpc.aio one (typed as its base)
         channel = transport.grpc_channel
@@ -208,7 +211,7 @@ class PubSubCalls:
             request_serializer=types.StreamingPullRequest.pb().SerializeToString,
             response_deserializer=types.StreamingPullResponse.pb().FromString,
         )
-        return method()
+        return method(metadata=(("x-goog-request-params", f"subscription={subscription}"),))
 
     # ----------------------------------------------------------------- publisher
     async def publish(self, topic: str, messages: Sequence[types.PubsubMessage]) -> list[str]:

@@ -119,7 +119,7 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
 
     def _open_stream(self) -> None:
         limit = max(self._max_in_flight, self.settings.flow_messages)
-        stream = _Stream(self.calls.streaming_pull(), limit)
+        stream = _Stream(self.calls.streaming_pull(self.subscription), limit)
         self._stream = stream
         loop = asyncio.get_running_loop()
         stream.writer = loop.create_task(self._write(stream))
@@ -164,7 +164,15 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
                 if self._lease_s() < self._deadline_s():
                     await self._shorten(received)
                 for item in received:
-                    self._arrived(item)
+                    try:
+                        self._arrived(item)
+                    except Exception as exc:  # one bad message never ends the stream
+                        logger.error(
+                            "pubsub: delivery %s not handed on (%r); it comes back after its "
+                            "deadline",
+                            item.message.message_id,
+                            exc,
+                        )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -204,9 +212,11 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             logger.debug("pubsub stream closed: %r", exc)
 
     def _stream_ended(self, stream: _Stream, reason: object) -> None:
-        if stream is not self._stream or self._closing or self._paused:
-            return  # closed on purpose
-        self._stream = None
+        if stream is not self._stream:
+            return  # closed on purpose, or replaced
+        self._stream = None  # even while paused: resume() must open a new one
+        if self._closing or self._paused:
+            return
         served_s = time.monotonic() - stream.opened
         routine = not isinstance(reason, Exception) or _unavailable(reason)
         if routine and served_s >= ROUTINE_AFTER_S:
@@ -230,6 +240,8 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
             except BackendError as exc:
                 logger.warning("pubsub stream not reopened yet: %s", exc)
                 continue
+            if self._closing or self._paused or self._stream is not None:
+                return  # paused, closed or resumed while the check was under way
             self._open_stream()
             self.report_delivery(None)
             logger.info("pubsub stream of %s reopened", self.subscription)
@@ -305,6 +317,8 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
     async def pause(self) -> None:
         """Close the stream; delivered messages stay ackable, waiting ones go back."""
         self._paused = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
         await self._close_stream(self._stream)
         await self._give_back_quietly(self._take_waiting())
 
@@ -312,7 +326,8 @@ class PubSubStreamingAdapter(PubSubAdapter, PushAdapter):
         """Open a new stream. Idempotent."""
         self._paused = False
         if self._stream is None and self._deliver is not None and not self._closing:
-            self._open_stream()
+            self._open_stream()  # if it fails at once, _stream_ended reports it and reconnects
+            self.report_delivery(None)
 
     async def set_max_in_flight(self, n: int) -> None:
         """Raise past the stream's limit: open a stream with it, close the old; otherwise

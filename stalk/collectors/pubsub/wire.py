@@ -6,6 +6,7 @@ breaks one, so the adapter keeps every message it sends inside them.
 
 from __future__ import annotations
 
+import math
 import re
 
 from stalk.errors import ConfigError
@@ -138,9 +139,10 @@ def carried_attempt(attributes: dict[str, str]) -> int:
 
 
 def number(attributes: dict[str, str], key: str) -> float | None:
-    """Return a numeric attribute, or None when absent or not a number."""
+    """Return a numeric attribute, or None when absent, not a number or not finite (an outside
+    producer's ``stalk-not-before: inf`` is no time, and would not fit a modack)."""
     try:
         value = float(attributes[key])
     except (KeyError, ValueError):
         return None
-    return value if value == value else None  # NaN is no time
+    return value if math.isfinite(value) else None
