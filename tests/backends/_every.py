@@ -49,6 +49,20 @@ class Backend:
     def args(self, source: str) -> list[str]:
         return [*self.cli, "--source", source]
 
+    def publish(self, source: str, errors: str, bodies: list[bytes]) -> None:
+        """Publish ``bodies`` to ``source``, one by one, through a fresh adapter."""
+        adapter = self.harness.make_adapter(source, errors)
+
+        async def go() -> None:
+            await adapter.open()
+            try:
+                for body in bodies:
+                    await adapter.publish(body)
+            finally:
+                await adapter.close()
+
+        asyncio.run(go())
+
     def names(self) -> tuple[str, str]:
         source, errors = self.harness.new_names()
         asyncio.run(self.harness.prepare(source, errors))

@@ -45,20 +45,6 @@ SYNC_ROUTES = {
 ASYNC_ROUTES = {**SYNC_ROUTES, b"cancel": "retries_exhausted"}
 
 
-def publish(backend: Backend, source: str, errors: str, bodies: list[bytes]) -> None:
-    adapter = backend.harness.make_adapter(source, errors)
-
-    async def go() -> None:
-        await adapter.open()
-        try:
-            for body in bodies:
-                await adapter.publish(body)
-        finally:
-            await adapter.close()
-
-    asyncio.run(go())
-
-
 def handled(log: Path) -> list[bytes]:
     return [bytes.fromhex(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -83,7 +69,7 @@ def test_each_misbehaving_handler_has_its_route_and_the_worker_drains(
     source, errors = backend.names()
     routes = SYNC_ROUTES if kind == "sync" else ASYNC_ROUTES
     bad = [word + b" " + bytes([n]) + b"\xff\x00" for n, word in enumerate(routes)]
-    publish(backend, source, errors, [*ODD_BODIES, *bad])
+    backend.publish(source, errors, [*ODD_BODIES, *bad])
     log = tmp_path / "handled.log"
     worker = drain(backend, source, "bad_input" if kind == "sync" else "bad_input_async", log)
 
@@ -112,13 +98,13 @@ def test_largest_body_is_handled_and_one_byte_more_has_a_defined_route(
     largest = min(backend.max_body or ENGINE_MAX, ENGINE_MAX)
     body = b"m" * largest
     over = b"o" * (largest + 1)
-    publish(backend, source, errors, [body])
+    backend.publish(source, errors, [body])
     broker_refuses = backend.max_body is not None and backend.max_body <= ENGINE_MAX
     if broker_refuses:
         with pytest.raises(MessageTooLarge):
-            publish(backend, source, errors, [over])
+            backend.publish(source, errors, [over])
     else:
-        publish(backend, source, errors, [over])
+        backend.publish(source, errors, [over])
     log = tmp_path / "handled.log"
     drain(backend, source, "bad_input", log, "--max-message-bytes", str(ENGINE_MAX))
 
@@ -138,7 +124,7 @@ def test_a_failing_body_at_the_limit_still_reaches_the_error_topic_intact(
     source, errors = backend.names()
     largest = min(backend.max_body or ENGINE_MAX, ENGINE_MAX)
     body = b"raise " + b"r" * (largest - 6)
-    publish(backend, source, errors, [body])
+    backend.publish(source, errors, [body])
     worker = drain(backend, source, "bad_input", tmp_path / "handled.log")
 
     routed = asyncio.run(read_errors(backend.harness, errors, 1))

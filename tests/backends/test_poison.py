@@ -30,17 +30,7 @@ def test_a_pill_that_kills_its_worker_reaches_the_error_topic_as_poison(
     backend = every_backend
     source, errors = backend.names()
     bodies = [b"ok-0", b"ok-1", b"pill", b"ok-2", b"ok-3"]
-    adapter = backend.harness.make_adapter(source, errors)
-
-    async def publish() -> None:
-        await adapter.open()
-        try:
-            for body in bodies:
-                await adapter.publish(body)
-        finally:
-            await adapter.close()
-
-    asyncio.run(publish())
+    backend.publish(source, errors, bodies)
     log = tmp_path / "calls.log"
     codes: list[int] = []
     routed_by_now = False

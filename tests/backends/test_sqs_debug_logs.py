@@ -21,9 +21,8 @@ SECRET_KEY = "profileSecretKey0123456789abcdefEXAMPLE"
 SESSION_TOKEN = "FQoGZXIvYXdzEXAMPLEsessionTOKEN0123456789abcdefghij"
 
 
-def stalk_with_profile(
-    endpoint: str, tmp_path: Path, *args: str
-) -> subprocess.CompletedProcess[str]:
+def profile_env(endpoint: str, tmp_path: Path) -> dict[str, str]:
+    """The environment of a stalk process whose SQS credentials come from a profile file only."""
     credentials = tmp_path / "credentials"
     credentials.write_text(
         "[default]\n"
@@ -40,9 +39,15 @@ def stalk_with_profile(
             "AWS_ENDPOINT_URL": endpoint,
         }
     )
+    return env
+
+
+def stalk_with_profile(
+    endpoint: str, tmp_path: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stalk", *args], env=env, capture_output=True, text=True,
-        timeout=120, check=False,
+        [sys.executable, "-m", "stalk", *args], env=profile_env(endpoint, tmp_path),
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 
 
@@ -86,22 +91,7 @@ def test_status_metrics_and_healthz_show_no_profile_credentials(
     queue = f"status-{uuid.uuid4().hex[:10]}"
     create_queue(sqs_endpoint, queue)
     create_queue(sqs_endpoint, f"{queue}-errors")
-    credentials = tmp_path / "credentials"
-    credentials.write_text(
-        "[default]\n"
-        "aws_access_key_id = AKIAPROFILEEXAMPLE01\n"
-        f"aws_secret_access_key = {SECRET_KEY}\n"
-        f"aws_session_token = {SESSION_TOKEN}\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "STALK_"))}
-    env.update(
-        {
-            "AWS_DEFAULT_REGION": FAKE_AWS_ENV["AWS_DEFAULT_REGION"],
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": str(credentials),
-            "AWS_ENDPOINT_URL": sqs_endpoint,
-        }
-    )
+    env = profile_env(sqs_endpoint, tmp_path)
     worker = subprocess.Popen(
         [sys.executable, "-m", "stalk", "run", "workers.app:handler", "--backend", "sqs",
          "--source", queue, "--log-level", "debug", "--http-port", "0"],

@@ -40,6 +40,25 @@ BACKENDS = ("local", "sqs", "amqp", "amqp-quorum", "nsq", "pubsub")
 OUTAGE_S = 5.0
 
 
+def pause(pid: int) -> None:
+    """Stop ``pid`` for ``OUTAGE_S`` (SIGSTOP), then let it go on (SIGCONT): the outage of a
+    broker that keeps no state across a restart."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(OUTAGE_S)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put the driver's environment back as ``saved`` recorded it (None: was unset)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 class Target:
     """One backend under attack: its broker, the worker's CLI arguments, its disruption."""
 
@@ -159,11 +178,7 @@ class SQSTarget(Target):
         if self.server.process.poll() is None:
             os.kill(self.server.process.pid, signal.SIGCONT)
         self.server.stop()
-        for key, value in self.saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(self.saved_env)
 
     def env(self) -> dict[str, str]:
         from tests.brokers.sqs import FAKE_AWS_ENV
@@ -193,12 +208,7 @@ class SQSTarget(Target):
         return "; ".join(parts)
 
     def disrupt(self) -> None:
-        pid = self.server.process.pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            time.sleep(OUTAGE_S)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        pause(self.server.process.pid)
 
 
 class RabbitNode:
@@ -469,11 +479,7 @@ class PubSubTarget(Target):
         if self.server.proc is not None and self.server.proc.poll() is None:
             os.kill(self.java_pid(), signal.SIGCONT)
         self.server.stop()
-        for key, value in self.saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_env(self.saved_env)
 
     def env(self) -> dict[str, str]:
         assert self.proxy is not None
@@ -507,12 +513,7 @@ class PubSubTarget(Target):
         return "; ".join(parts)
 
     def disrupt(self) -> None:
-        pid = self.java_pid()
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            time.sleep(OUTAGE_S)
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        pause(self.java_pid())
 
 
 TARGETS: dict[str, type[Target]] = {
