@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -284,26 +285,26 @@ class Settler:
         """Publish the error copy; where the broker refuses it as too large, with less metadata
         (never less body), so a message at the broker's limit is routed, not redelivered
         forever. Return the failure as published."""
-        try:
-            await self.adapter.publish_error(message, failure)
-            return failure
-        except MessageTooLarge as exc:
-            refused = exc
-        for smaller in failure.smaller():
+        refused: MessageTooLarge | None = None
+        for candidate in itertools.chain((failure,), failure.smaller()):
             try:
-                await self.adapter.publish_error(message, smaller)
+                await self.adapter.publish_error(message, candidate)
             except MessageTooLarge as exc:
                 refused = exc
                 continue
-            logger.warning(
-                "error copy of message %s kept %s metadata (%s): its %d-byte body left no "
-                "room for more",
-                message.id,
-                {"full": "short", "reason": "only the reason as", "none": "no"}[smaller.detail],
-                refused,
-                len(message.body),
-            )
-            return smaller
+            if refused is not None:
+                logger.warning(
+                    "error copy of message %s kept %s metadata (%s): its %d-byte body left no "
+                    "room for more",
+                    message.id,
+                    {"full": "short", "reason": "only the reason as", "none": "no"}[
+                        candidate.detail
+                    ],
+                    refused,
+                    len(message.body),
+                )
+            return candidate
+        assert refused is not None  # the loop returns unless every candidate was refused
         raise refused
 
     @staticmethod
