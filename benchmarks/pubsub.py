@@ -21,13 +21,15 @@ is acked:
 - ``stalk streaming``: ``PubSubAdapter(mode=streaming, flow_messages=C)`` (its own
   StreamingPull on grpc.aio, settles as unary calls), ``concurrency = C``.
 
-Contenders alternate within each round; each figure is the median of ``--repeat`` rounds.
+After an untimed warm-up round, contenders alternate their order round by round, each on a
+fresh subscription deleted after its drain; each figure is the median of ``--repeat`` rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import statistics
 import threading
@@ -168,18 +170,57 @@ CONTENDERS: dict[str, dict[str, Drain]] = {
 }
 
 
+async def drop(host: str, name: str) -> None:
+    """Delete round ``name``'s subscription and topics: the emulator keeps every acked message of
+    a live subscription, and slowed down round by round when they piled up."""
+    import grpc
+    from google.api_core import exceptions as gexc
+    from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
+    from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncIOTransport
+
+    channel = grpc.aio.insecure_channel(host)
+    try:
+        sub = SubscriberAsyncClient(transport=SubscriberGrpcAsyncIOTransport(channel=channel))
+        pub = PublisherAsyncClient(transport=PublisherGrpcAsyncIOTransport(channel=channel))
+        with contextlib.suppress(gexc.NotFound):
+            await sub.delete_subscription(subscription=f"projects/{PROJECT}/subscriptions/{name}")
+        for topic in (name, f"{name}-dead"):
+            with contextlib.suppress(gexc.NotFound):
+                await pub.delete_topic(topic=f"projects/{PROJECT}/topics/{topic}")
+    finally:
+        await channel.close()
+
+
+async def one_drain(host: str, drain: Drain, n: int, concurrency: int) -> float:
+    """Fill a fresh subscription, drain it with ``drain``, delete it; return msg/s."""
+    name = f"bench-{uuid.uuid4().hex[:10]}"
+    await fill(host, name, n)
+    try:
+        return n / await drain(host, name, n, concurrency)
+    finally:
+        await drop(host, name)
+
+
 async def measure(
     host: str, n: int, modes: list[str], concurrency: int, repeat: int
 ) -> dict[str, float]:
-    """Return the median msg/s per contender."""
+    """Return the median msg/s per contender.
+
+    One untimed round of every contender first warms the emulator's JIT (the first drain after
+    a start was up to 2x slower, charged to whichever contender ran first), and the order of the
+    contenders alternates round by round, so neither always drains the first or the second
+    subscription of a round.
+    """
     rates: dict[str, list[float]] = {}
     for mode in modes:
-        for _ in range(repeat):
-            for label, drain in CONTENDERS[mode].items():
-                name = f"bench-{uuid.uuid4().hex[:10]}"
-                await fill(host, name, n)
-                seconds = await drain(host, name, n, concurrency)
-                rates.setdefault(label, []).append(n / seconds)
+        contenders = list(CONTENDERS[mode].items())
+        for _label, drain in contenders:
+            await one_drain(host, drain, min(n, 5_000), concurrency)
+        for round_ in range(repeat):
+            ordered = contenders if round_ % 2 == 0 else contenders[::-1]
+            for label, drain in ordered:
+                rates.setdefault(label, []).append(await one_drain(host, drain, n, concurrency))
     return {label: statistics.median(values) for label, values in rates.items()}
 
 
