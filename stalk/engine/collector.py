@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Literal
 
-from stalk.collectors.base import Adapter
+from stalk.collectors.base import AckAndLease, Adapter
 from stalk.engine.execution import AsyncExecutor, Executor, ThreadExecutor
 from stalk.engine.handler import prepare, resolve_exceptions
 from stalk.engine.inflight import InFlight
@@ -91,6 +91,8 @@ class BaseCollector:
         self._intake: Intake = intake_for(self, adapter)
         if isinstance(self._intake, PollIntake):
             self._settler.rider = self._intake
+            if isinstance(adapter, AckAndLease):
+                self._intake.acks_under_way = self._settler.acks_under_way
         self._give_up = asyncio.Event()
 
     # ----------------------------------------------------------------- public controls

@@ -152,6 +152,10 @@ class Settler:
             return
         self.finish(message)
 
+    def acks_under_way(self) -> bool:
+        """Whether an ack batch is queued or being sent (its finish wakes slot waiters)."""
+        return self._ack_task is not None
+
     def queue_ack(self, message: Message) -> None:
         """Ack ``message`` with whatever else finishes in this loop turn.
 
