@@ -225,11 +225,7 @@ class BaseCollector:
         self.set_health(True, "ok")
         executor_cls = AsyncExecutor if self.handler.is_async else ThreadExecutor
         lease_s = opts.visibility_timeout_s
-        fence = (
-            (lambda message: self.inflight.lease_holds(message, lease_s))
-            if self.adapter.features.visibility_timeout
-            else None
-        )
+        fence = self.inflight.fence(lease_s) if self.adapter.features.visibility_timeout else None
         self._executor = executor_cls(
             self.handler,
             self._settler.on_done,
@@ -272,15 +268,17 @@ class BaseCollector:
         assert executor is not None
         self._intake.note_arrival(len(messages))
         self.inflight.hold(messages, time.monotonic())
-        policy, settler, submit, now = self._policy, self._settler, executor.submit, time.time()
+        policy, settler, now = self._policy, self._settler, time.time()
+        admitted: list[Message] = []
         for message in messages:
             verdict = admit(message, now, policy)
             if verdict is ADMIT:
-                submit(message)
+                admitted.append(message)
             elif isinstance(verdict, Reject):
                 settler.reject(message, verdict)
             else:
                 settler.recount(message)
+        executor.submit(admitted)
 
     async def release(self, message: Message) -> None:
         """Give ``message`` back unprocessed."""

@@ -121,8 +121,8 @@ class Executor:
         """Start ``size`` workers."""
         raise NotImplementedError
 
-    def submit(self, message: Message) -> None:
-        """Queue a message for the next free worker."""
+    def submit(self, messages: Sequence[Message]) -> None:
+        """Queue messages for the next free workers, in order."""
         raise NotImplementedError
 
     @property
@@ -187,8 +187,10 @@ class AsyncExecutor(Executor):
     def start(self) -> None:
         self.resize(self.size)
 
-    def submit(self, message: Message) -> None:
-        self._queue.put_nowait(message)
+    def submit(self, messages: Sequence[Message]) -> None:
+        put = self._queue.put_nowait
+        for message in messages:
+            put(message)
 
     @property
     def unstarted(self) -> int:
@@ -362,15 +364,18 @@ class ThreadExecutor(Executor):
         self._stuck_threads = 0
         #: Threads that should exist but were not started because too many are stuck.
         self._owed = 0
-        #: message -> the unit of work (one handler call) it belongs to, while it runs.
+        #: message -> the unit of work (one handler call) it belongs to, while it runs; a
+        #: handler of one message is not recorded (each message is its own unit).
         self._unit: dict[Message, object] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
         self.resize(self.size)
 
-    def submit(self, message: Message) -> None:
-        self._queue.put(message)
+    def submit(self, messages: Sequence[Message]) -> None:
+        put = self._queue.put
+        for message in messages:
+            put(message)
 
     @property
     def unstarted(self) -> int:
@@ -456,6 +461,9 @@ class ThreadExecutor(Executor):
         return batch
 
     def _work(self) -> None:
+        if self.handler.batch is None:
+            self._work_single()
+            return
         running, units = self.running, self._unit
         while True:
             batch = self._next()
@@ -482,6 +490,37 @@ class ThreadExecutor(Executor):
             if abandoned:
                 self._late_return()
                 return
+        with self._lock:
+            self._threads -= 1
+
+    def _work_single(self) -> None:
+        """:meth:`_work` for a handler of one message: the same steps with no batch list, no
+        unit record (the message is its own) and one clock, as this runs per message."""
+        running, queue_, fence, report = self.running, self._queue, self.fence, self._report
+        handler, monotonic = self.handler, time.monotonic
+        func, wants_message, name = handler.func, handler.wants_message, handler.name
+        while True:
+            if (self._retire or self._closing) and self._exit_now():
+                break
+            message = queue_.get()
+            if message is None:
+                if self._exit_now():
+                    break
+                continue
+            if fence is not None and not fence(message):
+                report(message, None, 0.0)
+                continue
+            began = running[message] = monotonic()
+            try:
+                value = func(message.body, message) if wants_message else func(message.body)
+                result = OK if value is None else to_result(value, name)
+            except BaseException as exc:  # a handler's SystemExit must not kill the worker
+                result = from_exception(exc, self.fatal_types)
+            seconds = monotonic() - began
+            if running.pop(message, None) is None:  # the watchdog settled it: exit, replaced
+                self._late_return()
+                return
+            report(message, result, seconds)
         with self._lock:
             self._threads -= 1
 
@@ -522,7 +561,7 @@ class ThreadExecutor(Executor):
         replaced: set[int] = set()
         for message, started in list(self.running.items()):
             if started <= limit and self.running.pop(message, None) is not None:
-                unit = id(self._unit.get(message))
+                unit = id(self._unit.get(message, message))  # a single is its own unit
                 if unit not in replaced:  # one thread per handler call, batch or not
                     replaced.add(unit)
                     self._replace_stuck_thread()
@@ -545,8 +584,8 @@ class ThreadExecutor(Executor):
     def abandon(self, message: Message) -> bool:
         if self.running.pop(message, None) is None:
             return False
-        unit = self._unit.get(message)
-        if not any(self._unit.get(m) is unit for m in self.running):  # the call's last message
+        unit = self._unit.get(message, message)  # a single message is its own unit
+        if not any(self._unit.get(m, m) is unit for m in self.running):  # the call's last one
             with self._lock:
                 self._threads -= 1
                 self._stuck_threads += 1

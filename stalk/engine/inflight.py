@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from stalk.message import Message
 
@@ -49,11 +49,24 @@ class InFlight:
         self._changed.set()
         return True
 
-    def lease_holds(self, message: Message, lease_s: float) -> bool:
-        """True while ``message`` is held and its lease (``lease_s`` from its last extension)
-        has not lapsed. Safe from a handler thread: one dict read."""
-        at = self._held.get(message)
-        return at is not None and time.monotonic() - at < lease_s
+    def settled_all(self, messages: Iterable[Message]) -> None:
+        """:meth:`settled` for a batch (an ack batch): one wake-up for all of them."""
+        pop = self._held.pop
+        for message in messages:
+            pop(message, None)
+        self._changed.set()
+
+    def fence(self, lease_s: float) -> Callable[[Message], bool]:
+        """Return a check that is True while a message is held and its lease (``lease_s`` from
+        its last extension) has not lapsed. Safe from a handler thread: one dict read. One
+        closure, as a handler thread calls it for every message it takes."""
+        held_at, monotonic = self._held.get, time.monotonic
+
+        def holds(message: Message) -> bool:
+            at = held_at(message)
+            return at is not None and monotonic() - at < lease_s
+
+        return holds
 
     def free(self, capacity: int) -> int:
         """Return how many more messages fit under ``capacity`` (may be negative after a scale

@@ -35,7 +35,7 @@ from stalk.engine.policy import (
 from stalk.engine.stats import CollectorStats
 from stalk.errors import MessageTooLarge
 from stalk.message import ATTR_FIRST_FAILURE_AT, TEXT_ERROR_TYPES, Failure, Message
-from stalk.result import Result
+from stalk.result import OK, Result
 from stalk.tasks import TaskSet
 
 logger = logging.getLogger("stalk.collector")
@@ -105,6 +105,9 @@ class Settler:
     def on_done(self, message: Message, result: Result, seconds: float) -> None:
         """Settle a message whose handler returned ``result`` after ``seconds``; on the loop."""
         self.stats.observe(seconds)
+        if result is OK and self.on_outcome is None:  # the common case, with nothing to decide
+            self.queue_ack(message)
+            return
         action = decide(result, message.attempt, self.policy)
         if self.on_outcome is not None:
             self._observe(message, action, seconds)
@@ -201,8 +204,7 @@ class Settler:
                             len(batch),
                             exc,
                         )
-                    for message in batch:
-                        self.finish(message)
+                    self.inflight.settled_all(batch)
                 finally:  # the poll reserved by want() is given back even if cancelled
                     if want and rider is not None:
                         rider.leased(leased)
