@@ -234,6 +234,7 @@ class BaseCollector:
             self._fatal_types,
             fence,
             self._lapsed,
+            self._settler.on_done_all,
         )
         self._executor.start()
         self.tasks.spawn(self._housekeeping(), "stalk-housekeeping")

@@ -29,6 +29,8 @@ from stalk.result import OK, Result
 
 #: Called on the loop for each message the handler finished: (message, result, seconds).
 OnDone = Callable[[Message, Result, float], None]
+#: :data:`OnDone` for a burst of finished messages at once (a thread executor's wake-up).
+OnDoneAll = Callable[[list[tuple[Message, Result, float]]], None]
 #: Called on the loop for a buffered message whose lease lapsed before a worker took it.
 OnLapsed = Callable[[Message], None]
 #: True while a held message's lease still holds (the engine's in-flight ledger knows).
@@ -90,9 +92,11 @@ class Executor:
         fatal_types: tuple[type[BaseException], ...],
         fence: Fence | None = None,
         on_lapsed: OnLapsed | None = None,
+        on_done_all: OnDoneAll | None = None,
     ) -> None:
         self.handler = handler
         self.on_done = on_done
+        self.on_done_all = on_done_all
         self.size = size
         self.timeout_s = timeout_s
         self.fatal_types = fatal_types
@@ -547,12 +551,18 @@ class ThreadExecutor(Executor):
     def _deliver_done(self) -> None:
         self._wake_pending = False
         done, on_done, on_lapsed = self._done, self.on_done, self.on_lapsed
+        finished: list[tuple[Message, Result, float]] = []
         while done:
-            message, result, seconds = done.popleft()
-            if result is not None:
-                on_done(message, result, seconds)
+            item = done.popleft()
+            if item[1] is not None:
+                finished.append(item)  # type: ignore[arg-type]  # checked: a Result
             elif on_lapsed is not None:
-                on_lapsed(message)
+                on_lapsed(item[0])
+        if self.on_done_all is not None:
+            self.on_done_all(finished)
+        else:
+            for message, result, seconds in finished:
+                on_done(message, result, seconds)
 
     def expire(self, now: float) -> None:
         if self.timeout_s is None:

@@ -125,6 +125,27 @@ class Settler:
         else:
             self.tasks.spawn(self.route(message, action, result, seconds), "stalk-route")
 
+    def on_done_all(self, done: list[tuple[Message, Result, float]]) -> None:
+        """:meth:`on_done` for a burst (a thread executor's wake-up): the ok results nobody
+        observes join the ack batch together, without a call each."""
+        if self.on_outcome is not None:
+            for message, result, seconds in done:
+                self.on_done(message, result, seconds)
+            return
+        observe, acks = self.stats.observe, []
+        for message, result, seconds in done:
+            if result is OK:
+                observe(seconds)
+                acks.append(message)
+            else:
+                self.on_done(message, result, seconds)
+        if len(acks) == 1:
+            self.queue_ack(acks[0])  # alone, it may be acked at once (ImmediateAck)
+        elif acks:
+            self._pending_acks.extend(acks)
+            if self._ack_task is None:
+                self._ack_task = asyncio.get_running_loop().create_task(self._flush_acks())
+
     def reject(self, message: Message, verdict: Reject) -> None:
         """Route a message to the error topic without handling it (too large, expired, poison)."""
         action = RouteToError(verdict.reason)
