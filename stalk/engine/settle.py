@@ -132,13 +132,15 @@ class Settler:
             for message, result, seconds in done:
                 self.on_done(message, result, seconds)
             return
-        observe, acks = self.stats.observe, []
+        acks: list[Message] = []
+        durations: list[float] = []
         for message, result, seconds in done:
             if result is OK:
-                observe(seconds)
+                durations.append(seconds)
                 acks.append(message)
             else:
                 self.on_done(message, result, seconds)
+        self.stats.observe_all(durations)
         if len(acks) == 1:
             self.queue_ack(acks[0])  # alone, it may be acked at once (ImmediateAck)
         elif acks:

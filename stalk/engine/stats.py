@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,14 @@ class CollectorStats:
         self.handled += 1
         self.handler_seconds += seconds
         self.duration_counts[bisect_left(DURATION_BUCKETS_S, seconds)] += 1
+
+    def observe_all(self, seconds: Sequence[float]) -> None:
+        """:meth:`observe` for a burst of handler calls at once."""
+        self.handled += len(seconds)
+        self.handler_seconds += sum(seconds)
+        counts = self.duration_counts
+        for value in seconds:
+            counts[bisect_left(DURATION_BUCKETS_S, value)] += 1
 
     def add(self, other: CollectorStats) -> None:
         """Add ``other``'s counters into these (a supervisor summing its worker processes)."""

@@ -200,7 +200,7 @@ def _messages(rows: list[Any], queue: str) -> list[Message]:
     """Turn leased rows into messages, in id order (``RETURNING`` promises no order)."""
     rows.sort()  # by id, the first column (unique): already sorted is one linear pass
     loads = json.loads
-    return [
+    return [  # positional: a quarter cheaper than by keyword, 100 times per lease
         Message(
             str(id_),
             body,
@@ -209,7 +209,9 @@ def _messages(rows: list[Any], queue: str) -> list[Message]:
             enqueued_at,
             queue,
             token,
-            expires_at=expires_at,
+            False,  # redelivered: the attempt count tells
+            True,  # deliveries_counted: a lease counts itself
+            expires_at,
         )
         for id_, body, attrs, attempts, enqueued_at, expires_at, token in rows
     ]
