@@ -26,7 +26,7 @@ from stalk.engine.execution import AsyncExecutor, Executor, ThreadExecutor
 from stalk.engine.handler import prepare, resolve_exceptions
 from stalk.engine.inflight import InFlight
 from stalk.engine.intake import Intake, PollIntake, intake_for
-from stalk.engine.policy import ADMIT, Reject, RetryPolicy, admit
+from stalk.engine.policy import Reject, RetryPolicy, admit_all
 from stalk.engine.settle import Observer, Settler
 from stalk.engine.stats import CollectorStats
 from stalk.errors import ConfigError
@@ -269,16 +269,12 @@ class BaseCollector:
         assert executor is not None
         self._intake.note_arrival(len(messages))
         self.inflight.hold(messages, time.monotonic())
-        policy, settler, now = self._policy, self._settler, time.time()
-        admitted: list[Message] = []
-        for message in messages:
-            verdict = admit(message, now, policy)
-            if verdict is ADMIT:
-                admitted.append(message)
-            elif isinstance(verdict, Reject):
-                settler.reject(message, verdict)
+        admitted, others = admit_all(messages, time.time(), self._policy)
+        for message, verdict in others:
+            if isinstance(verdict, Reject):
+                self._settler.reject(message, verdict)
             else:
-                settler.recount(message)
+                self._settler.recount(message)
         executor.submit(admitted)
 
     async def release(self, message: Message) -> None:

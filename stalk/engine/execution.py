@@ -485,12 +485,14 @@ class ThreadExecutor(Executor):
                 results = [from_exception(exc, self.fatal_types)] * len(batch)
             share = (time.perf_counter() - start) / len(batch)
             abandoned = False
+            finished: list[tuple[Message, Result | None, float]] = []
             for message, result in zip(batch, results, strict=True):
                 units.pop(message, None)
                 if running.pop(message, None) is None:
                     abandoned = True  # the watchdog settled it and started a replacement
                 else:
-                    self._report(message, result, share)
+                    finished.append((message, result, share))
+            self._report_all(finished)
             if abandoned:
                 self._late_return()
                 return
@@ -543,6 +545,16 @@ class ThreadExecutor(Executor):
     def _report(self, message: Message, result: Result | None, seconds: float) -> None:
         """Hand an outcome (``None``: its lease lapsed unstarted) back to the loop."""
         self._done.append((message, result, seconds))
+        if not self._wake_pending:
+            self._report_wake()
+
+    def _report_all(self, finished: list[tuple[Message, Result | None, float]]) -> None:
+        """:meth:`_report` for a batch handler's messages: one wake-up check for all."""
+        if finished:
+            self._done.extend(finished)
+            self._report_wake()
+
+    def _report_wake(self) -> None:
         if not self._wake_pending:
             self._wake_pending = True
             with contextlib.suppress(RuntimeError):  # loop closed at exit

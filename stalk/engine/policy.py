@@ -9,7 +9,7 @@ the engine in the same place.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from stalk.backoff import full_jitter
@@ -125,6 +125,31 @@ def admit(message: Message, now: float, policy: RetryPolicy) -> Admission:
             f"(max_retries={policy.max_retries})",
         )
     return ADMIT
+
+
+def admit_all(
+    messages: Sequence[Message], now: float, policy: RetryPolicy
+) -> tuple[list[Message], list[tuple[Message, Recount | Reject]]]:
+    """:func:`admit` for a delivered batch: (admitted, the rest with their verdicts).
+
+    A message no limit can concern (no size or age limit set, no TTL, a first-hand delivery
+    within the retry count) is admitted without the call; the rest go through :func:`admit`.
+    """
+    plain = policy.max_message_bytes is None and policy.message_ttl_s is None
+    most = policy.max_retries + 1
+    admitted: list[Message] = []
+    others: list[tuple[Message, Recount | Reject]] = []
+    for message in messages:
+        fresh = message.attempt <= most and not message.redelivered
+        if plain and fresh and message.expires_at is None:
+            admitted.append(message)
+            continue
+        verdict = admit(message, now, policy)
+        if isinstance(verdict, Admit):
+            admitted.append(message)
+        else:
+            others.append((message, verdict))
+    return admitted, others
 
 
 def decide(

@@ -14,6 +14,7 @@ from stalk.engine.policy import (
     RetryPolicy,
     RouteToError,
     admit,
+    admit_all,
     decide,
 )
 from stalk.message import Message
@@ -131,3 +132,41 @@ def test_admit_counts_an_uncounted_redelivery_first_then_stops_it() -> None:
     assert isinstance(last, Reject) and last.reason == "poison"
     # a counted redelivery (SQS, quorum queues) is judged on its count alone
     assert admit(_msg(attempt=2, redelivered=True), 1000.0, LIMITS) == ADMIT
+
+
+def test_admit_all_gives_each_message_the_verdict_admit_gives() -> None:
+    """The batch form skips the call for messages no limit concerns; it must never disagree."""
+    now = 1000.0
+    policies = [
+        POLICY,
+        RetryPolicy(3, 1.0, 10.0, max_message_bytes=4),
+        RetryPolicy(3, 1.0, 10.0, message_ttl_s=5.0),
+    ]
+    messages = [
+        Message(
+            str(i),
+            body,
+            attempt=attempt,
+            enqueued_at=enqueued,
+            redelivered=redelivered,
+            deliveries_counted=counted,
+            expires_at=expires,
+        )
+        for i, (body, attempt, enqueued, redelivered, counted, expires) in enumerate(
+            (body, attempt, enqueued, redelivered, counted, expires)
+            for body in (b"ok", b"too large")
+            for attempt in (1, 4, 5)
+            for enqueued in (None, 999.0, 900.0)
+            for redelivered in (False, True)
+            for counted in (False, True)
+            for expires in (None, 999.0, 2000.0)
+        )
+    ]
+    for policy in policies:
+        admitted, others = admit_all(messages, now, policy)
+        assert len(admitted) + len(others) == len(messages)
+        for message in admitted:
+            assert admit(message, now, policy) is ADMIT, message
+        for message, verdict in others:
+            assert admit(message, now, policy) == verdict, message
+        assert others, "the grid holds messages to reject or recount"
