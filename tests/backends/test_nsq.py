@@ -423,7 +423,10 @@ def test_max_message_size_is_checked_before_publishing(nsq_harness: NSQHarness) 
             await adapter.publish(b"still connected")
         finally:
             await adapter.close()
-        assert stats(nsq_harness.server, source).get("depth") == 2
+        # nsqd copies a topic's messages to its channel in its own goroutine: wait for both
+        await wait_for(
+            lambda: stats(nsq_harness.server, source).get("depth") == 2, 10, "two published"
+        )
 
     run(scenario())
 
