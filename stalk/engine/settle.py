@@ -145,8 +145,7 @@ class Settler:
             self.queue_ack(acks[0])  # alone, it may be acked at once (ImmediateAck)
         elif acks:
             self._pending_acks.extend(acks)
-            if self._ack_task is None:
-                self._ack_task = asyncio.get_running_loop().create_task(self._flush_acks())
+            self._flush_soon()
 
     def reject(self, message: Message, verdict: Reject) -> None:
         """Route a message to the error topic without handling it (too large, expired, poison)."""
@@ -192,6 +191,10 @@ class Settler:
             self._ack_at_once(self._ack_nowait, message)
             return
         self._pending_acks.append(message)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Start the ack batch task unless one is queued or under way (it takes these too)."""
         if self._ack_task is None:
             self._ack_task = asyncio.get_running_loop().create_task(self._flush_acks())
 
